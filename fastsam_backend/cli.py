@@ -1,0 +1,78 @@
+"""``fastsam-backend`` / ``python -m fastsam_backend``: serve, bench, quality."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+
+import click
+
+from .settings import load_settings
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """FastSAM backend for Label Studio."""
+
+
+@main.command()
+@click.option("--host", default=None, help="bind address [env HOST, default 0.0.0.0]")
+@click.option("--port", type=int, default=None, help="[env PORT, default 9090]")
+@click.option("--workers", type=int, default=None, help="gunicorn processes [env WORKERS, default 1]")
+@click.option("--threads", type=int, default=None, help="threads per worker [env THREADS, default 4]")
+def serve(host: str | None, port: int | None, workers: int | None, threads: int | None) -> None:
+    """Run the backend under gunicorn (the app factory fastsam_backend.server:create_app)."""
+    from gunicorn.app.base import BaseApplication
+
+    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "threads": threads}.items()
+                 if v is not None}
+    settings = load_settings(**overrides)
+    _configure_logging(settings.log_level)
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # metrics of all workers, summed (set before fork so every worker writes there)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fastsam-metrics-")
+
+    class Application(BaseApplication):
+        def load_config(self) -> None:
+            cfg = {
+                "bind": f"{settings.host}:{settings.port}",
+                "workers": settings.workers,
+                "threads": settings.threads,
+                "worker_class": "gthread",
+                "timeout": settings.timeout_s,
+                "graceful_timeout": 30,
+                "accesslog": None,
+                "loglevel": settings.log_level.lower(),
+                "child_exit": _child_exit,
+                "control_socket_disable": True,  # several instances on one host would share its path
+            }
+            for key, value in cfg.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            from .server import create_app
+
+            return create_app(settings)
+
+    Application().run()
+
+
+def _child_exit(server, worker) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Label Studio's interactive ``context`` → typed prompts.
+
+Coordinates in LS regions are percent of the image; prompts keep percent and turn
+into pixels only against the decoded image's real size (``in_pixels``), so a
+region whose ``original_width`` disagrees with the file still lands right.
+
+A keypoint without ``is_positive`` (older LS, API clients) is a *positive* click:
+that is what a plain click means in the LS UI, and Alt-click sends ``false``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadRequest
+
+POINT_TYPES = {"keypointlabels", "keypoint"}
+BOX_TYPES = {"rectanglelabels", "rectangle"}
+TEXT_TYPES = {"textarea"}
+
+
+@dataclass(frozen=True)
+class PointPrompt:
+    """A click. ``x``, ``y`` in percent of the image width/height (0–100)."""
+
+    x: float
+    y: float
+    positive: bool = True
+    label: str | None = None
+
+    def in_pixels(self, width: int, height: int) -> tuple[int, int]:
+        """Pixel column and row, clamped into the image."""
+        px = min(max(int(self.x / 100.0 * width), 0), width - 1)
+        py = min(max(int(self.y / 100.0 * height), 0), height - 1)
+        return px, py
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """A dragged box, axis-aligned, in percent: ``x0, y0`` top-left, ``x1, y1`` bottom-right."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    label: str | None = None
+
+    def in_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """``x0, y0, x1, y1`` pixels, clamped to the image, exclusive end, at least 1 px."""
+        x0 = min(max(math.floor(self.x0 / 100.0 * width), 0), width - 1)
+        y0 = min(max(math.floor(self.y0 / 100.0 * height), 0), height - 1)
+        x1 = min(max(math.ceil(self.x1 / 100.0 * width), x0 + 1), width)
+        y1 = min(max(math.ceil(self.y1 / 100.0 * height), y0 + 1), height)
+        return x0, y0, x1, y1
+
+
+@dataclass(frozen=True)
+class TextPrompt:
+    text: str
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Everything the annotator just drew, grouped by kind."""
+
+    points: tuple[PointPrompt, ...] = ()
+    boxes: tuple[BoxPrompt, ...] = ()
+    texts: tuple[TextPrompt, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.points or self.boxes or self.texts)
+
+    @property
+    def label(self) -> str | None:
+        """The first label chosen on a smart tool (boxes first, then points)."""
+        for prompt in (*self.boxes, *self.points):
+            if prompt.label:
+                return prompt.label
+        return None
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BadRequest(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _first_label(value: dict[str, Any], key: str, where: str) -> str | None:
+    labels = value.get(key)
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels):
+        raise BadRequest(f"{where}.{key} must be a list of strings")
+    return labels[0] if labels else None
+
+
+def _point(region: dict[str, Any], where: str) -> PointPrompt:
+    value = region["value"]
+    positive = region.get("is_positive", value.get("positive", True))
+    if not isinstance(positive, bool):
+        raise BadRequest(f"{where}.is_positive must be true or false, got {positive!r}")
+    return PointPrompt(
+        x=_number(value.get("x"), f"{where}.value.x"),
+        y=_number(value.get("y"), f"{where}.value.y"),
+        positive=positive,
+        label=_first_label(value, "keypointlabels", f"{where}.value"),
+    )
+
+
+def _box(region: dict[str, Any], where: str) -> BoxPrompt:
+    value = region["value"]
+    x = _number(value.get("x"), f"{where}.value.x")
+    y = _number(value.get("y"), f"{where}.value.y")
+    w = _number(value.get("width"), f"{where}.value.width")
+    h = _number(value.get("height"), f"{where}.value.height")
+    if w < 0 or h < 0:
+        raise BadRequest(f"{where}.value width/height must not be negative")
+    rotation = _number(value.get("rotation", 0) or 0, f"{where}.value.rotation")
+    label = _first_label(value, "rectanglelabels", f"{where}.value")
+    if rotation % 360 == 0:
+        return BoxPrompt(x, y, x + w, y + h, label)
+    # LS rotates about the top-left corner; the prompt is the rotated box's axis-aligned hull.
+    # Percent units differ per axis, so rotate in pixel-proportional units of the original size.
+    ow = float(region.get("original_width") or 100.0)
+    oh = float(region.get("original_height") or 100.0)
+    theta = math.radians(rotation)
+    cos, sin = math.cos(theta), math.sin(theta)
+    corners = [(0.0, 0.0), (w * ow, 0.0), (w * ow, h * oh), (0.0, h * oh)]
+    xs = [x + (cx * cos - cy * sin) / ow for cx, cy in corners]
+    ys = [y + (cx * sin + cy * cos) / oh for cx, cy in corners]
+    return BoxPrompt(min(xs), min(ys), max(xs), max(ys), label)
+
+
+def _text(region: dict[str, Any], where: str) -> TextPrompt | None:
+    texts = region["value"].get("text")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise BadRequest(f"{where}.value.text must be a list of strings")
+    joined = " ".join(t.strip() for t in texts if t.strip())
+    return TextPrompt(joined) if joined else None
+
+
+def parse_context(context: Any) -> Prompts:
+    """Parse ``params.context``; ``None`` (batch mode) gives empty prompts.
+
+    Raises:
+        BadRequest: naming the offending field, e.g. ``context.result[0].value.x``.
+    """
+    if context is None:
+        return Prompts()
+    if not isinstance(context, dict):
+        raise BadRequest("context must be an object with a 'result' list")
+    result = context.get("result")
+    if result is None:
+        return Prompts()
+    if not isinstance(result, list):
+        raise BadRequest("context.result must be a list of regions")
+    points: list[PointPrompt] = []
+    boxes: list[BoxPrompt] = []
+    texts: list[TextPrompt] = []
+    for i, region in enumerate(result):
+        where = f"context.result[{i}]"
+        if not isinstance(region, dict):
+            raise BadRequest(f"{where} must be an object")
+        kind = region.get("type")
+        if not isinstance(kind, str):
+            raise BadRequest(f"{where}.type must be a string")
+        kind = kind.lower()
+        if kind not in POINT_TYPES | BOX_TYPES | TEXT_TYPES:
+            continue  # other tools' regions (brush strokes, choices) are not prompts
+        if not isinstance(region.get("value"), dict):
+            raise BadRequest(f"{where}.value must be an object")
+        if kind in POINT_TYPES:
+            points.append(_point(region, where))
+        elif kind in BOX_TYPES:
+            boxes.append(_box(region, where))
+        elif (text := _text(region, where)) is not None:
+            texts.append(text)
+    return Prompts(tuple(points), tuple(boxes), tuple(texts))

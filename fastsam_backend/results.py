@@ -1,0 +1,102 @@
+"""Selected masks → Label Studio result regions (brush RLE, polygons, rectangles).
+
+Regions carry ``original_width``/``original_height`` of the decoded image and percent
+coordinates, as LS stores them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .labelconfig import OutputTag
+from .rle import encode_rle
+
+POLYGON_EPSILON = 0.004  # simplification tolerance, fraction of the contour's perimeter
+
+
+def _region(tag: OutputTag, kind: str, image_size: tuple[int, int], value: dict, score: float) -> dict[str, Any]:
+    height, width = image_size
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": tag.from_name,
+        "to_name": tag.to_name,
+        "type": kind,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+        "score": round(float(score), 4),
+        "readonly": False,
+    }
+
+
+def _labels(label: str | None) -> list[str]:
+    return [label] if label else []
+
+
+def brush_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> dict[str, Any]:
+    """One BrushLabels region; ``mask`` is ``(H, W)`` bool at original resolution."""
+    value = {"format": "rle", "rle": encode_rle(mask), "brushlabels": _labels(label)}
+    return _region(tag, "brushlabels", mask.shape, value, score)
+
+
+def rectangle_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> dict[str, Any] | None:
+    """The mask's tight bounding box as a RectangleLabels region (percent)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    h, w = mask.shape
+    value = {
+        "x": 100.0 * cols[0] / w,
+        "y": 100.0 * rows[0] / h,
+        "width": 100.0 * (cols[-1] + 1 - cols[0]) / w,
+        "height": 100.0 * (rows[-1] + 1 - rows[0]) / h,
+        "rotation": 0,
+        "rectanglelabels": _labels(label),
+    }
+    return _region(tag, "rectanglelabels", mask.shape, value, score)
+
+
+def mask_polygons(mask: np.ndarray, min_area: float = 4.0) -> list[np.ndarray]:
+    """Outer contours of ``mask`` as ``(K, 2)`` float arrays of pixel-corner ``x, y``.
+
+    Holes are left out: an LS polygon has no holes, so a ring comes back filled and
+    the brush region is the exact answer. Each contour is simplified (Douglas-Peucker).
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    polygons = []
+    for contour in contours:
+        if cv2.contourArea(contour) < min_area and len(contours) > 1:
+            continue
+        eps = POLYGON_EPSILON * cv2.arcLength(contour, True)
+        approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
+        if len(approx) < 3:
+            approx = contour.reshape(-1, 2).astype(np.float64)
+        if len(approx) >= 3:
+            polygons.append(approx + 0.5)  # pixel centres → the polygon covers the pixels
+    return polygons
+
+
+def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> list[dict[str, Any]]:
+    """One PolygonLabels region per outer contour (percent coordinates)."""
+    h, w = mask.shape
+    regions = []
+    for poly in mask_polygons(mask):
+        points = np.column_stack([100.0 * poly[:, 0] / w, 100.0 * poly[:, 1] / h]).round(4).tolist()
+        value = {"points": points, "closed": True, "polygonlabels": _labels(label)}
+        regions.append(_region(tag, "polygonlabels", mask.shape, value, score))
+    return regions
+
+
+def regions_for(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> list[dict[str, Any]]:
+    """Regions of ``tag``'s kind for one mask."""
+    if tag.kind == "brushlabels":
+        return [brush_region(tag, mask, label, score)]
+    if tag.kind == "polygonlabels":
+        return polygon_regions(tag, mask, label, score)
+    rect = rectangle_region(tag, mask, label, score)
+    return [rect] if rect else []

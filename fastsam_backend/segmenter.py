@@ -1,0 +1,229 @@
+"""The FastSAM model wrapper: the only module that touches ultralytics and torch.
+
+``Segmenter.segment(image)`` runs FastSAM's all-instance pass once and returns a
+``MaskSet`` at the original resolution (ultralytics' ``retina_masks`` upsamples the
+prototype logits to the image, then thresholds — no jagged edges).
+The model is loaded lazily, once per process, under a lock; a load failure is
+remembered (and retried at most every ``RETRY_AFTER_S``) so every request gets
+the same clear message instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelUnavailable
+from .masks import MaskSet
+
+log = logging.getLogger(__name__)
+
+RELEASED_WEIGHTS = {
+    "FastSAM-s.pt": "https://github.com/ultralytics/assets/releases/download/v8.3.0/FastSAM-s.pt",
+    "FastSAM-x.pt": "https://github.com/ultralytics/assets/releases/download/v8.3.0/FastSAM-x.pt",
+}
+RETRY_AFTER_S = 30.0
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    weights: str  # a path, or a released name (FastSAM-s.pt / FastSAM-x.pt)
+    model_dir: Path
+    device: str = "auto"
+    imgsz: int = 1024
+    conf: float = 0.4
+    iou: float = 0.9
+    max_det: int = 300
+    allow_download: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> SegmenterConfig:
+        return cls(
+            weights=settings.fastsam_weights,
+            model_dir=Path(settings.model_dir),
+            device=settings.device,
+            imgsz=settings.imgsz,
+            conf=settings.conf,
+            iou=settings.iou,
+            max_det=settings.max_det,
+            allow_download=settings.allow_download,
+        )
+
+
+def resolve_weights(weights: str, model_dir: Path) -> Path | None:
+    """The local file for ``weights``: the path itself, or ``model_dir/<name>`` for a bare name."""
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    if path.parent == Path(".") and (model_dir / path.name).is_file():
+        return model_dir / path.name
+    return None
+
+
+def missing_weights_message(weights: str, model_dir: Path, cause: str | None = None) -> str:
+    name = Path(weights).name
+    lines = [f"FastSAM weights '{weights}' not found (looked at '{weights}' and '{model_dir / name}')."]
+    if cause:
+        lines.append(f"Download failed: {cause}.")
+    if name in RELEASED_WEIGHTS:
+        lines.append(
+            f"Download {RELEASED_WEIGHTS[name]} into {model_dir}/ (or mount it there), "
+            "or set FASTSAM_WEIGHTS to the file's path."
+        )
+    else:
+        lines.append("Set FASTSAM_WEIGHTS to an existing checkpoint, or to FastSAM-s.pt / FastSAM-x.pt.")
+    return " ".join(lines)
+
+
+def file_digest(path: Path, length: int = 12) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+class Segmenter:
+    """FastSAM all-instance segmentation; thread-safe, one model per process."""
+
+    def __init__(self, config: SegmenterConfig) -> None:
+        self.config = config
+        self._model: Any = None
+        self._device: str | None = None
+        self._error: tuple[float, str] | None = None
+        self._load_lock = threading.Lock()
+        self._infer_lock = threading.Lock()  # ultralytics predictors keep per-call state
+        self._identity: str | None = None
+
+    # --------------------------------------------------------------- identity
+    @property
+    def identity(self) -> str:
+        """Checkpoint name + content digest (cache keys, model_version); never loads the model."""
+        if self._identity is None:
+            path = resolve_weights(self.config.weights, self.config.model_dir)
+            name = Path(self.config.weights).stem
+            self._identity = f"{name}-{file_digest(path)}" if path else name
+        return self._identity
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def error(self) -> str | None:
+        return self._error[1] if self._error else None
+
+    def weights_available(self) -> bool:
+        return resolve_weights(self.config.weights, self.config.model_dir) is not None or (
+            self.config.allow_download and Path(self.config.weights).name in RELEASED_WEIGHTS
+        )
+
+    # ------------------------------------------------------------------ load
+    def _pick_device(self) -> str:
+        import torch
+
+        if self.config.device != "auto":
+            return self.config.device
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+    def load(self) -> None:
+        """Load the model now (idempotent). Raises ModelUnavailable with a how-to message."""
+        if self._model is not None:
+            return
+        with self._load_lock:
+            if self._model is not None:
+                return
+            if self._error and time.monotonic() - self._error[0] < RETRY_AFTER_S:
+                raise ModelUnavailable(self._error[1])
+            try:
+                self._model, self._device = self._load_model(), self._pick_device()
+                self._error = None
+                self._identity = None  # a downloaded file now has a digest
+            except ModelUnavailable as exc:
+                self._error = (time.monotonic(), exc.message)
+                raise
+
+    def _load_model(self) -> Any:
+        from ultralytics import FastSAM
+
+        cfg = self.config
+        path = resolve_weights(cfg.weights, cfg.model_dir)
+        name = Path(cfg.weights).name
+        if path is None:
+            if not (cfg.allow_download and name in RELEASED_WEIGHTS and Path(cfg.weights).parent == Path(".")):
+                raise ModelUnavailable(missing_weights_message(cfg.weights, cfg.model_dir))
+            cfg.model_dir.mkdir(parents=True, exist_ok=True)
+            target = cfg.model_dir / name
+            try:
+                from ultralytics.utils.downloads import attempt_download_asset
+
+                path = Path(attempt_download_asset(target))
+            except Exception as exc:  # network errors come in many types
+                raise ModelUnavailable(missing_weights_message(cfg.weights, cfg.model_dir, str(exc))) from exc
+            if not path.is_file():
+                raise ModelUnavailable(missing_weights_message(cfg.weights, cfg.model_dir, "no file written"))
+        log.info("loading FastSAM weights %s", path)
+        try:
+            model = FastSAM(str(path))
+        except Exception as exc:
+            raise ModelUnavailable(f"FastSAM weights '{path}' could not be loaded: {exc}") from exc
+        if getattr(model, "task", "segment") != "segment":
+            raise ModelUnavailable(f"'{path}' is a {model.task} model; FastSAM needs a segmentation checkpoint")
+        return model
+
+    # --------------------------------------------------------------- segment
+    def segment(self, image: np.ndarray) -> MaskSet:
+        """All instances of ``image`` (``(H, W, 3)`` uint8 RGB), masks at original resolution.
+
+        Zero detections give an empty ``MaskSet``, not an error.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
+        self.load()
+        import torch
+
+        cfg = self.config
+        bgr = np.ascontiguousarray(image[:, :, ::-1])  # ultralytics treats numpy input as BGR (cv2)
+        with self._infer_lock, torch.inference_mode():
+            results = self._model.predict(
+                bgr,
+                device=self._device,
+                retina_masks=True,
+                imgsz=cfg.imgsz,
+                conf=cfg.conf,
+                iou=cfg.iou,
+                max_det=cfg.max_det,
+                verbose=False,
+            )
+        return masks_from_result(results[0], image.shape[:2])
+
+
+def masks_from_result(result: Any, image_size: tuple[int, int]) -> MaskSet:
+    """ultralytics ``Results`` → ``MaskSet`` (tight boxes computed on the device, crops to numpy)."""
+    if result.masks is None or len(result) == 0:
+        return MaskSet.empty(image_size)
+    data = result.masks.data  # (N, H, W) uint8/float at original size (retina masks)
+    if tuple(data.shape[1:]) != tuple(image_size):
+        raise RuntimeError(f"masks are {tuple(data.shape[1:])}, image is {image_size}: retina_masks not applied")
+    data = data.bool()
+    scores = result.boxes.conf.float().cpu().numpy()
+    rows, cols = data.any(dim=2), data.any(dim=1)  # (N, H), (N, W)
+    keep = rows.any(dim=1).cpu().numpy()
+    h, w = image_size
+    # argmax of a 0/1 row finds the first True; on the flipped row, the last one
+    y0, x0 = rows.float().argmax(dim=1), cols.float().argmax(dim=1)
+    y1 = h - rows.flip(1).float().argmax(dim=1)
+    x1 = w - cols.flip(1).float().argmax(dim=1)
+    boxes = np.stack([t.cpu().numpy() for t in (x0, y0, x1, y1)], axis=1).astype(np.int32)
+    idx = np.flatnonzero(keep)
+    crops = tuple(
+        data[i, boxes[i, 1] : boxes[i, 3], boxes[i, 0] : boxes[i, 2]].cpu().numpy() for i in idx
+    )
+    return MaskSet(tuple(image_size), boxes[idx], scores[idx].astype(np.float32), crops)

@@ -1,0 +1,231 @@
+"""Prompt-guided selection: pure numpy over a ``MaskSet`` (no HTTP, no cache, no torch).
+
+All coordinates are pixels of the original image: points ``(x, y)`` = (column, row),
+boxes ``x0, y0, x1, y1`` with exclusive end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .masks import MaskSet
+from .settings import PointRule
+
+log = logging.getLogger(__name__)
+
+# Morphology is sized to the mask: specks and holes below this fraction of the
+# mask's area go (never below the pixel floor, so tiny masks are not eaten).
+SPECK_FRACTION = 0.01
+HOLE_FRACTION = 0.01
+MIN_MORPH_PIXELS = 16
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One selected region: ``mask`` is ``(H, W)`` bool at original resolution."""
+
+    mask: np.ndarray
+    score: float
+    indices: tuple[int, ...]  # which instances of the MaskSet went into it
+
+
+def _as_points(points: np.ndarray) -> np.ndarray:
+    return np.asarray(points, dtype=np.int64).reshape(-1, 2)
+
+
+def _membership(masks: MaskSet, points: np.ndarray) -> np.ndarray:
+    """``(K, N)`` bool: point k lies in mask n."""
+    return np.array([masks.contains(int(x), int(y)) for x, y in points], dtype=bool).reshape(
+        len(points), len(masks)
+    )
+
+
+def _smallest(candidates: np.ndarray, areas: np.ndarray) -> int | None:
+    idx = np.flatnonzero(candidates)
+    return int(idx[np.argmin(areas[idx])]) if idx.size else None
+
+
+def _indices_smallest(masks: MaskSet, inside: np.ndarray, positive: np.ndarray) -> list[int]:
+    """Per foreground click, the smallest mask covering it that covers no background click.
+
+    Avoids the paper rule's failure: a click on an object also lies inside the
+    background/scene masks around it, and their union swallows the object.
+    """
+    areas = masks.areas
+    covers_negative = inside[~positive].any(axis=0)
+    chosen: list[int] = []
+    for k in np.flatnonzero(positive):
+        best = _smallest(inside[k] & ~covers_negative, areas)
+        if best is None:  # every covering mask also covers a negative click: take the smallest anyway
+            best = _smallest(inside[k], areas)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    return chosen
+
+
+def _paint_casia(masks: MaskSet, inside: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """CASIA ``point_prompt``: largest masks first; each later (smaller) mask repaints its pixels."""
+    out = np.zeros(masks.image_size, dtype=bool)
+    used: list[int] = []
+    for n in np.argsort(-masks.areas, kind="stable"):
+        hits = inside[:, n]
+        if not hits.any():
+            continue
+        x0, y0, x1, y1 = masks.boxes[n]
+        crop = masks.crops[n]
+        for k in np.flatnonzero(hits):  # in click order, as the reference does
+            out[y0:y1, x0:x1][crop] = bool(positive[k])
+        used.append(int(n))
+    return out, used
+
+
+def smooth_mask(mask: np.ndarray, keep_points: np.ndarray | None = None) -> np.ndarray:
+    """Remove specks and fill small holes, both sized to the mask's area.
+
+    A component containing one of ``keep_points`` (``(K, 2)`` x, y) is never removed.
+    Works on the mask's bounding box only, so cost follows object size, not image size.
+    """
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return mask
+    cols = np.flatnonzero(mask.any(axis=0))
+    y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, mask.shape[0])
+    x0, x1 = max(cols[0] - 1, 0), min(cols[-1] + 2, mask.shape[1])
+    crop = mask[y0:y1, x0:x1]
+    area = int(crop.sum())
+    speck = max(MIN_MORPH_PIXELS, int(SPECK_FRACTION * area))
+    hole = max(MIN_MORPH_PIXELS, int(HOLE_FRACTION * area))
+
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(crop.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= speck
+    keep[0] = False
+    if keep_points is not None:
+        for x, y in _as_points(keep_points):
+            if y0 <= y < y1 and x0 <= x < x1 and (label := labels[y - y0, x - x0]) != 0:
+                keep[label] = True
+    cleaned = keep[labels]
+
+    # Holes: background components that do not touch the crop border (the crop has
+    # a 1 px margin wherever the image allows, so outside background touches it).
+    _nb, blabels, bstats, _ = cv2.connectedComponentsWithStats((~cleaned).astype(np.uint8), connectivity=4)
+    border = np.unique(np.concatenate([blabels[0], blabels[-1], blabels[:, 0], blabels[:, -1]]))
+    fill = bstats[:, cv2.CC_STAT_AREA] < hole
+    fill[0] = False
+    fill[border] = False
+    cleaned |= fill[blabels]
+
+    out = mask.copy()
+    out[y0:y1, x0:x1] = cleaned
+    return out
+
+
+def select_by_points(
+    masks: MaskSet,
+    points: np.ndarray,
+    positive: np.ndarray,
+    *,
+    rule: PointRule = PointRule.SMALLEST,
+    morphology: bool = True,
+) -> Selection | None:
+    """Merge the masks picked by clicks into one region.
+
+    Args:
+        masks: all instances of the image.
+        points: ``(K, 2)`` int, ``x, y`` pixels.
+        positive: ``(K,)`` bool, False for background (Alt) clicks.
+        rule: ``SMALLEST`` (default), ``PAPER`` or ``CASIA`` — see ``PointRule``.
+        morphology: remove specks / fill small holes sized to the result.
+
+    Returns:
+        The merged region, or None when no foreground click lies on any mask.
+    """
+    points = _as_points(points)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    if len(points) != len(positive):
+        raise ValueError(f"{len(points)} points but {len(positive)} labels")
+    if len(masks) == 0 or not positive.any():
+        return None
+    inside = _membership(masks, points)
+
+    if rule is PointRule.CASIA:
+        merged, used = _paint_casia(masks, inside, positive)
+    else:
+        if rule is PointRule.PAPER:
+            used = list(np.flatnonzero(inside[positive].any(axis=0) & ~inside[~positive].any(axis=0)))
+        else:
+            used = _indices_smallest(masks, inside, positive)
+        merged = masks[used].union() if used else np.zeros(masks.image_size, dtype=bool)
+        # A background click still inside the result cuts out the smallest mask under it
+        # that holds no foreground click (the object it was meant to exclude).
+        holds_positive = inside[positive].any(axis=0)
+        for k in np.flatnonzero(~positive):
+            x, y = points[k]
+            if merged[y, x] and (cut := _smallest(inside[k] & ~holds_positive, masks.areas)) is not None:
+                merged &= ~masks.mask(cut)
+    if not merged.any():
+        return None
+    if morphology:
+        merged = smooth_mask(merged, keep_points=points[positive])
+    score = float(masks.scores[used].mean()) if used else 0.0
+    return Selection(merged, score, tuple(int(i) for i in used))
+
+
+def box_ious(masks: MaskSet, box: tuple[int, int, int, int]) -> np.ndarray:
+    """``(N,)`` float: pixel IoU of each mask with the box (``x0, y0, x1, y1`` exclusive)."""
+    x0, y0, x1, y1 = box
+    box_area = max(x1 - x0, 0) * max(y1 - y0, 0)
+    inter = masks.box_intersections(box)
+    union = box_area + masks.areas - inter
+    return np.divide(inter, union, out=np.zeros(len(masks)), where=union > 0)
+
+
+def select_by_box(
+    masks: MaskSet,
+    box: tuple[int, int, int, int],
+    points: np.ndarray | None = None,
+    positive: np.ndarray | None = None,
+    *,
+    rule: PointRule = PointRule.SMALLEST,
+    morphology: bool = True,
+) -> Selection | None:
+    """The mask with the highest IoU with the box; clicks inside it refine the result.
+
+    With clicks, foreground clicks add their masks and background clicks cut theirs
+    (as ``select_by_points``), and the result is clipped to the box.
+    """
+    if len(masks) == 0:
+        return None
+    ious = box_ious(masks, box)
+    best = int(np.argmax(ious))
+    if ious[best] <= 0:
+        return None
+    mask = masks.mask(best)
+    used = [best]
+    x0, y0, x1, y1 = box
+    if points is not None and len(points):
+        pts = _as_points(points)
+        pos = np.asarray(positive, dtype=bool).reshape(-1)
+        in_box = (pts[:, 0] >= x0) & (pts[:, 0] < x1) & (pts[:, 1] >= y0) & (pts[:, 1] < y1)
+        pts, pos = pts[in_box], pos[in_box]
+        if len(pts):
+            inside = _membership(masks, pts)
+            for k in np.flatnonzero(pos):
+                if not mask[pts[k, 1], pts[k, 0]] and (add := _smallest(inside[k], masks.areas)) is not None:
+                    mask |= masks.mask(add)
+                    used.append(add)
+            holds_pos = inside[pos].any(axis=0)
+            for k in np.flatnonzero(~pos):
+                if mask[pts[k, 1], pts[k, 0]] and (cut := _smallest(inside[k] & ~holds_pos, masks.areas)) is not None:
+                    mask &= ~masks.mask(cut)
+            clip = np.zeros_like(mask)
+            clip[y0:y1, x0:x1] = True
+            mask &= clip
+            if morphology and mask.any():
+                mask = smooth_mask(mask, keep_points=pts[pos])
+    if not mask.any():
+        return None
+    return Selection(mask, float(masks.scores[best]), tuple(used))

@@ -1,0 +1,168 @@
+"""HTTP layer: Label Studio's ML backend protocol on Flask. Only translates HTTP.
+
+``create_app()`` builds everything from the environment; nothing heavy happens at
+import or in the factory (the model loads on the first /predict), so gunicorn can
+fork workers safely and /health, /setup answer in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from . import metrics
+from .errors import BackendError, BadRequest
+from .service import FastSAMService, build_service
+from .settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "FastSAMBackend"
+TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING"}
+UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials
+
+
+def create_app(settings: Settings | None = None, service: FastSAMService | None = None) -> Flask:
+    """Build the Flask app; tests pass their own settings or service."""
+    settings = settings or load_settings()
+    service = service or build_service(settings)
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["fastsam_service"] = service
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+        g.started = time.perf_counter()
+        if settings.basic_auth_user and request.path not in UNAUTHENTICATED_ROUTES:
+            return _check_basic_auth(settings)
+        return None
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        metrics.REQUESTS.labels(route=route, method=request.method, status=str(response.status_code)).inc()
+        metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        log.debug("%s %s -> %s in %.1f ms [%s]", request.method, request.path, response.status_code,
+                  1000 * elapsed, g.get("request_id"))
+        return response
+
+    @app.errorhandler(BackendError)
+    def _backend_error(exc: BackendError) -> tuple[Response, int]:
+        metrics.ERRORS.labels(kind=type(exc).__name__).inc()
+        log.warning("%s %s -> %d %s: %s [%s]", request.method, request.path, exc.status,
+                    type(exc).__name__, exc.message, g.get("request_id"))
+        return _error(exc.message, exc.status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        status = exc.code or 500
+        message = {413: f"request body larger than {settings.max_request_bytes} bytes"}.get(
+            status, exc.description or exc.name
+        )
+        return _error(message, status)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        metrics.ERRORS.labels(kind="internal").inc()
+        log.exception("unexpected error on %s %s [%s]", request.method, request.path, g.get("request_id"))
+        return _error(f"internal error (request id {g.get('request_id')}; see the backend log)", 500)
+
+    @app.get("/")
+    @app.get("/health")
+    def health() -> Response:
+        seg = service.segmenter
+        ready = seg.loaded or (seg.error is None and seg.weights_available())
+        body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "ready": ready,
+                                "model_loaded": seg.loaded, "model_version": service.model_version}
+        if not ready:
+            body["error"] = seg.error or service.segmenter_missing_message()
+        return jsonify(body)
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_body()
+        version = service.setup(
+            project=_optional_str(body, "project"),
+            hostname=_optional_str(body, "hostname"),
+            access_token=_optional_str(body, "access_token"),
+            extra_params=body.get("extra_params"),
+            schema=_optional_str(body, "schema"),
+        )
+        return jsonify({"model_version": version})
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_body()
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("params must be an object")
+        project = _optional_str(body, "project")
+        results = service.predict(
+            tasks=body.get("tasks"),
+            context=params.get("context"),
+            label_config=body.get("label_config"),
+            project=project,
+        )
+        return jsonify({"results": results})
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        body = _json_body()
+        action = body.get("action")
+        if action not in TRAIN_EVENTS:
+            return jsonify({"status": "Unknown event"}), 200
+        return jsonify({"status": "ok", "result": service.fit(action, body)}), 201
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        payload, content_type = metrics.render()
+        return Response(payload, content_type=content_type)
+
+    return app
+
+
+def _error(message: str, status: int) -> tuple[Response, int]:
+    return jsonify({"error": message, "status": status, "request_id": g.get("request_id")}), status
+
+
+def _json_body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _optional_str(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise BadRequest(f"{key} must be a string")
+
+
+def _check_basic_auth(settings: Settings) -> Response | None:
+    auth = request.authorization
+    expected_user = settings.basic_auth_user or ""
+    expected_pass = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else ""
+    ok = (
+        auth is not None
+        and auth.type == "basic"
+        and hmac.compare_digest((auth.username or "").encode(), expected_user.encode())
+        & hmac.compare_digest((auth.password or "").encode(), expected_pass.encode())
+    )
+    if ok:
+        return None
+    response, status = _error("authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)", 401)
+    response.status_code = status
+    response.headers["WWW-Authenticate"] = 'Basic realm="fastsam-backend"'
+    return response

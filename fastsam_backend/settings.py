@@ -1,0 +1,94 @@
+"""All configuration, read from the environment once (see the README's table).
+
+Nothing else in the package reads ``os.environ``: the app factory builds one
+``Settings`` and hands the parts down.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PointRule(str, Enum):
+    """How foreground/background clicks pick masks (see ``selection.select_by_points``)."""
+
+    SMALLEST = "smallest"  # per foreground click, the smallest mask covering it (default)
+    PAPER = "paper"  # union of every mask containing a foreground click, minus background ones
+    CASIA = "casia"  # CASIA repo: area-ordered painting, smaller masks override larger ones
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- model -------------------------------------------------------------
+    fastsam_weights: str = Field("FastSAM-s.pt", description="path or released name")
+    model_dir: Path = Field(Path("models"), description="where released weights are looked up")
+    device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1'")
+    imgsz: int = Field(1024, ge=32, le=4096)
+    conf: float = Field(0.4, ge=0.0, le=1.0)
+    iou: float = Field(0.9, ge=0.0, le=1.0)
+    max_det: int = Field(300, ge=1, le=3000)
+    allow_download: bool = Field(
+        True, validation_alias=AliasChoices("FASTSAM_ALLOW_DOWNLOAD", "ALLOW_DOWNLOAD")
+    )
+
+    # --- selection ---------------------------------------------------------
+    point_rule: PointRule = PointRule.SMALLEST
+    morphology: bool = True
+
+    # --- cache -------------------------------------------------------------
+    redis_url: str | None = None
+    cache_prefix: str = "fastsam:"
+    cache_ttl_s: int = Field(24 * 3600, ge=0, description="0 = no expiry")
+    cache_max_bytes: int = Field(512 * 1024 * 1024, ge=0, description="embedded cache bound")
+
+    # --- images ------------------------------------------------------------
+    remember_image_urls: bool = Field(
+        True, description="map an image URL to its content digest in the cache, so a click on a "
+        "cached image downloads nothing (LS upload/local-files URLs never change content)"
+    )
+    label_studio_url: str | None = Field(
+        None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
+    )
+    label_studio_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN")
+    )
+    local_files_document_root: Path | None = None
+    verify_ssl: bool = True
+    download_timeout_s: float = Field(30.0, gt=0)
+    max_image_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(64_000_000, gt=0)
+
+    # --- server ------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(9090, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="gunicorn processes (each loads the model)")
+    threads: int = Field(4, ge=1, le=256, description="threads per worker (clicks are served concurrently)")
+    timeout_s: int = Field(120, ge=1, description="gunicorn worker timeout; LS waits 100 s for /predict")
+    basic_auth_user: str | None = None
+    basic_auth_pass: SecretStr | None = None
+    log_level: str = "INFO"
+    max_request_bytes: int = Field(256 * 1024 * 1024, gt=0)
+
+    @field_validator("redis_url", "label_studio_url", "basic_auth_user", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("local_files_document_root", "label_studio_api_key", "basic_auth_pass", mode="before")
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def inference_params(self) -> dict[str, object]:
+        """Parameters that change the all-instance masks (go into cache keys and model_version)."""
+        return {"imgsz": self.imgsz, "conf": self.conf, "iou": self.iou, "max_det": self.max_det}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment once; keyword overrides win (tests, the CLI)."""
+    return Settings(**overrides)

@@ -1,0 +1,46 @@
+"""``FastSAMBackend``: the Label Studio ML backend class, shaped like ``LabelStudioMLBase``.
+
+A thin adapter over ``fastsam_backend.service.FastSAMService`` for code written
+against label-studio-ml's model API (``setup`` / ``predict`` / ``fit``). The HTTP
+server (``fastsam-backend serve``) uses the same service, so both answer the same.
+
+    backend = FastSAMBackend(label_config=xml)
+    backend.predict([task], context={"result": [keypoint_region]})
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastsam_backend.service import FastSAMService, build_service
+from fastsam_backend.settings import Settings, load_settings
+
+
+class FastSAMBackend:
+    """FastSAM for Label Studio: clicks/boxes/text → BrushLabels; no context → pre-annotation."""
+
+    def __init__(self, project_id: str | None = None, label_config: str | None = None,
+                 settings: Settings | None = None, service: FastSAMService | None = None) -> None:
+        self.project_id = project_id
+        self.label_config = label_config
+        self.service = service or build_service(settings or load_settings())
+        self.setup()
+
+    @property
+    def model_version(self) -> str:
+        return self.service.model_version
+
+    def setup(self, hostname: str | None = None, access_token: str | None = None,
+              extra_params: dict[str, Any] | None = None) -> str:
+        """Configure per-project options; cheap, never loads the model."""
+        return self.service.setup(self.project_id, hostname, access_token, extra_params, self.label_config)
+
+    def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None,
+                **kwargs: Any) -> dict[str, Any]:
+        """Same shape as label-studio-ml's ``ModelResponse``: one prediction per task."""
+        label_config = kwargs.get("label_config") or self.label_config
+        predictions = self.service.predict(tasks, context, label_config, project=self.project_id)
+        return {"model_version": self.model_version, "predictions": predictions}
+
+    def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return self.service.fit(event, data)

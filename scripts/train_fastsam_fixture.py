@@ -1,0 +1,193 @@
+"""Train the tiny FastSAM-style fixture model the test-suite ships.
+
+FastSAM is a one-class ("object") YOLOv8-seg. No weights can be downloaded on our
+machines, so the tests use a YOLOv8n-seg trained from scratch on the synthetic
+scenes of ``fastsam_backend.scenes`` (training seeds ``0..99_999``, validation
+``500_000+``, held-out test ``1_000_000+``), written as a YOLO-seg data set
+whose polygon labels keep holes (``scenes.yolo_segment``: rings and objects with
+another drawn on top are learned with their holes).
+
+Reproduce (2 CPU cores, about an hour; the command that made the shipped file)::
+
+    OMP_NUM_THREADS=2 .venv/bin/python scripts/train_fastsam_fixture.py \
+        --scenes 1000 --epochs 16 --imgsz 512 --out tests/fixtures/models/fastsam-shapes.pt
+
+Quick smoke run (a few minutes)::
+
+    .venv/bin/python scripts/train_fastsam_fixture.py --scenes 32 --epochs 1 --imgsz 320 \
+        --val-scenes 8 --test-scenes 8 --out work-tmp/smoke.pt
+
+Fully offline: ``YOLO_OFFLINE=1`` is set before ultralytics is imported, plots
+are off (no Arial.ttf download), AMP is off (its check would fetch yolo11n.pt,
+and it is CUDA-only anyway) and the font check of the data-set loader is
+stubbed out. Training uses fixed seeds and ``deterministic=True``; CPU float
+results can still differ in the last bits between machines/thread counts.
+
+The best checkpoint (by validation fitness) is stripped of its optimizer
+(``strip_optimizer``) and copied to ``--out``; it loads with
+``ultralytics.FastSAM(path)`` or ``YOLO(path)`` (task ``segment``). Finally the
+mask/box mAP50 on held-out test scenes is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no DNS/online checks
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastsam_backend.scenes import generate_scene, yolo_segment  # noqa: E402
+
+TRAIN_SEED0 = 0
+VAL_SEED0 = 500_000
+TEST_SEED0 = 1_000_000
+
+
+def _write_one(job: tuple[int, str, str]) -> int:
+    seed, images, labels = job
+    scene = generate_scene(seed)
+    h, w = scene.image.shape[:2]
+    cv2.imwrite(
+        os.path.join(images, f"{seed:07d}.png"),
+        cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
+        [cv2.IMWRITE_PNG_COMPRESSION, 1],
+    )
+    lines = []
+    for obj in scene.objects:
+        poly = yolo_segment(obj.mask)
+        if poly is None or len(poly) < 3:
+            continue
+        xy = poly / np.array([w, h], np.float32)
+        xy = np.clip(xy, 0.0, 1.0)
+        lines.append("0 " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
+    with open(os.path.join(labels, f"{seed:07d}.txt"), "w") as f:
+        f.write("\n".join(lines) + ("\n" if lines else ""))
+    return len(lines)
+
+
+def write_dataset(root: Path, splits: dict[str, range], processes: int = 2) -> Path:
+    """Write ``images/<split>`` + ``labels/<split>`` for each split and a ``data.yaml``; returns the yaml."""
+    jobs = []
+    for split, seeds in splits.items():
+        images, labels = root / "images" / split, root / "labels" / split
+        images.mkdir(parents=True, exist_ok=True)
+        labels.mkdir(parents=True, exist_ok=True)
+        jobs += [(s, str(images), str(labels)) for s in seeds]
+    t = time.time()
+    with Pool(processes) as pool:
+        n = sum(pool.map(_write_one, jobs, chunksize=8))
+    print(f"wrote {len(jobs)} scenes, {n} objects in {time.time() - t:.0f}s to {root}", flush=True)
+    yaml = root / "data.yaml"
+    lines = [f"path: {root}"] + [f"{split}: images/{split}" for split in splits] + ["names:", "  0: object"]
+    yaml.write_text("\n".join(lines) + "\n")
+    return yaml
+
+
+def _offline_ultralytics() -> None:
+    """Stub the one remaining network touch: the data-set loader's Arial.ttf font check."""
+    import ultralytics.data.utils as data_utils
+
+    data_utils.check_font = lambda *a, **k: None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenes", type=int, default=1000, help="training scenes (seeds 0..N-1)")
+    p.add_argument("--val-scenes", type=int, default=40, help="validation scenes (seeds 500_000+)")
+    p.add_argument("--test-scenes", type=int, default=100, help="held-out scenes for the final mAP (1_000_000+)")
+    p.add_argument("--epochs", type=int, default=16)
+    p.add_argument(
+        "--hours", type=float, default=0.0,
+        help="wall-clock budget instead of a fixed epoch count (ultralytics 'time': epochs re-estimated each epoch)",
+    )
+    p.add_argument("--close-mosaic", type=int, default=3, help="last epochs trained without mosaic")
+    p.add_argument("--imgsz", type=int, default=416)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--nbs", type=int, default=16, help="nominal batch: one optimizer step per NBS images")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=None, help="keep the data set here (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=ROOT / "tests/fixtures/models/fastsam-shapes.pt")
+    args = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="fastsam-fixture-")) if args.data_dir is None else args.data_dir
+    tmp = tmp.resolve()  # ultralytics nests relative project dirs under runs/<task>/
+    args.out = args.out.resolve()
+    splits = {
+        "train": range(TRAIN_SEED0, TRAIN_SEED0 + args.scenes),
+        "val": range(VAL_SEED0, VAL_SEED0 + args.val_scenes),
+        "test": range(TEST_SEED0, TEST_SEED0 + args.test_scenes),
+    }
+    assert args.scenes <= 100_000 and args.val_scenes <= 500_000
+    data = write_dataset(tmp, splits, processes=max(1, min(2, os.cpu_count() or 1)))
+
+    _offline_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    model = YOLO("yolov8n-seg.yaml", task="segment")  # architecture only, random init, nothing downloaded
+    t = time.time()
+    model.train(
+        data=str(data),
+        epochs=args.epochs,
+        time=args.hours or None,
+        nbs=args.nbs,
+        warmup_epochs=args.warmup_epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device="cpu",
+        workers=args.workers,
+        seed=args.seed,
+        deterministic=True,
+        single_cls=True,
+        pretrained=False,
+        amp=False,
+        plots=False,
+        cache="ram",
+        close_mosaic=args.close_mosaic,
+        patience=1000,
+        project=str(tmp / "runs"),
+        name="train",
+        exist_ok=True,
+        verbose=True,
+    )
+    print(f"training took {(time.time() - t) / 60:.1f} min", flush=True)
+
+    weights = tmp / "runs" / "train" / "weights"
+    best = weights / "best.pt" if (weights / "best.pt").exists() else weights / "last.pt"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    strip_optimizer(best, str(args.out))  # idempotent if the trainer already stripped it
+    size_mb = args.out.stat().st_size / 1e6
+    print(f"saved {args.out} ({size_mb:.2f} MB) from {best}", flush=True)
+
+    test = YOLO(str(args.out), task="segment")
+    metrics = test.val(
+        data=str(data), split="test", imgsz=args.imgsz, batch=8, device="cpu", plots=False,
+        workers=0, project=str(tmp / "runs"), name="test", exist_ok=True, single_cls=True,
+    )
+    print(
+        f"held-out test ({args.test_scenes} scenes, seeds {TEST_SEED0}+, imgsz {args.imgsz}): "
+        f"mask mAP50 {metrics.seg.map50:.3f} mAP50-95 {metrics.seg.map:.3f} | "
+        f"box mAP50 {metrics.box.map50:.3f} mAP50-95 {metrics.box.map:.3f}",
+        flush=True,
+    )
+    if args.data_dir is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

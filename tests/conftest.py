@@ -1,0 +1,58 @@
+"""Shared fixtures: the trained FastSAM fixture model, scenes, a local image server."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS = FIXTURES / "models"
+FASTSAM_FIXTURE = MODELS / "fastsam-shapes.pt"
+# The inference size the fixture was trained at (scripts/train_fastsam_fixture.py).
+FIXTURE_IMGSZ = 512
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def image_server(tmp_path_factory):
+    """Serves a temp folder at http://127.0.0.1:<port>/ (the 'Label Studio' of the tests)."""
+    root = tmp_path_factory.mktemp("served")
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fastsam_weights() -> Path:
+    """The trained FastSAM-architecture fixture (YOLOv8n-seg, one class, trained on scenes)."""
+    import os
+
+    path = Path(os.environ.get("FASTSAM_TEST_WEIGHTS", FASTSAM_FIXTURE))
+    assert path.is_file(), f"{path} missing: run scripts/train_fastsam_fixture.py (see its docstring)"
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_settings(fastsam_weights, tmp_path_factory):
+    """Settings for tests: the fixture model, embedded cache, no downloads."""
+    from fastsam_backend.settings import Settings
+
+    model_dir = tmp_path_factory.mktemp("models")
+
+    def make(**overrides):
+        base = dict(fastsam_weights=str(fastsam_weights), model_dir=model_dir, imgsz=FIXTURE_IMGSZ,
+                    conf=0.25, iou=0.7, allow_download=False, redis_url=None)
+        base.update(overrides)
+        return Settings(**base)
+
+    return make

@@ -1,0 +1,133 @@
+"""Selection on hand-made masks: a scene of background ⊃ table ⊃ cup, plus a separate ball."""
+
+import numpy as np
+import pytest
+
+from fastsam_backend.masks import MaskSet
+from fastsam_backend.selection import box_ious, select_by_box, select_by_points, smooth_mask
+from fastsam_backend.settings import PointRule
+
+H, W = 40, 60
+
+
+def rect(x0, y0, x1, y1):
+    m = np.zeros((H, W), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+BACKGROUND = np.ones((H, W), bool)
+TABLE = rect(5, 5, 35, 35)
+CUP = rect(10, 10, 20, 20)
+BALL = rect(40, 10, 50, 20)
+SCENE = MaskSet.from_dense(np.stack([BACKGROUND, TABLE, CUP, BALL]), np.array([0.5, 0.8, 0.9, 0.7]))
+
+
+def points(*xy):
+    return np.array(xy, dtype=np.int64).reshape(-1, 2)
+
+
+@pytest.mark.parametrize(
+    ("rule", "pts", "pos", "expected"),
+    [
+        # the default rule: each click takes the smallest mask under it
+        (PointRule.SMALLEST, [(15, 15)], [True], CUP),
+        (PointRule.SMALLEST, [(25, 25)], [True], TABLE),
+        (PointRule.SMALLEST, [(15, 15), (45, 15)], [True, True], CUP | BALL),
+        # a negative click on the cup removes it from the table
+        (PointRule.SMALLEST, [(25, 25), (15, 15)], [True, False], TABLE & ~CUP),
+        # the paper: every mask containing the click, merged — the known failure
+        (PointRule.PAPER, [(15, 15)], [True], BACKGROUND),
+        (PointRule.PAPER, [(15, 15), (2, 2)], [True, False], TABLE),
+        # CASIA: area-ordered painting, the smallest mask under a click wins its pixels
+        (PointRule.CASIA, [(15, 15)], [True], BACKGROUND),
+        (PointRule.CASIA, [(15, 15), (2, 2)], [True, False], TABLE),
+    ],
+)
+def test_point_rules(rule, pts, pos, expected):
+    sel = select_by_points(SCENE, points(*pts), np.array(pos), rule=rule, morphology=False)
+    assert sel is not None
+    np.testing.assert_array_equal(sel.mask, expected)
+
+
+def test_casia_negative_inside_a_positive_mask_erases_it():
+    # the reference paints the table with 1 then 0 (both clicks lie on it): nothing is left
+    sel = select_by_points(SCENE, points((25, 25), (15, 15)), np.array([True, False]), rule=PointRule.CASIA)
+    assert sel is None
+
+
+@pytest.mark.parametrize("rule", list(PointRule))
+def test_no_foreground_or_no_mask_gives_none(rule):
+    only_negative = select_by_points(SCENE, points((15, 15)), np.array([False]), rule=rule)
+    assert only_negative is None
+    empty = MaskSet.empty((H, W))
+    assert select_by_points(empty, points((15, 15)), np.array([True]), rule=rule) is None
+
+
+def test_click_on_no_mask_gives_none():
+    scene = MaskSet.from_dense(np.stack([CUP]), np.array([0.9]))
+    assert select_by_points(scene, points((50, 30)), np.array([True])) is None
+
+
+def test_points_and_labels_must_agree():
+    with pytest.raises(ValueError, match="2 points but 1 labels"):
+        select_by_points(SCENE, points((1, 1), (2, 2)), np.array([True]))
+
+
+def test_box_picks_highest_iou():
+    ious = box_ious(SCENE, (10, 10, 20, 20))
+    assert ious.argmax() == 2 and ious[2] == pytest.approx(1.0)
+    sel = select_by_box(SCENE, (9, 9, 21, 21))
+    np.testing.assert_array_equal(sel.mask, CUP)
+    np.testing.assert_array_equal(select_by_box(SCENE, (4, 4, 36, 36)).mask, TABLE)
+
+
+def test_box_iou_formula_against_dense():
+    box = (12, 3, 44, 27)
+    boxmask = rect(*box)
+    dense = SCENE.dense()
+    inter = (dense & boxmask).sum(axis=(1, 2))
+    union = boxmask.sum() + dense.sum(axis=(1, 2)) - inter
+    np.testing.assert_allclose(box_ious(SCENE, box), inter / union)
+
+
+def test_box_with_nothing_inside_gives_none():
+    scene = MaskSet.from_dense(np.stack([CUP]), np.array([0.9]))
+    assert select_by_box(scene, (40, 30, 50, 40)) is None
+
+
+def test_box_with_negative_click_cuts_and_clips():
+    sel = select_by_box(SCENE, (5, 5, 35, 35), points((15, 15)), np.array([False]), morphology=False)
+    np.testing.assert_array_equal(sel.mask, TABLE & ~CUP)
+
+
+def test_box_with_positive_click_adds_within_box():
+    # box on the cup, positive click on the table part inside the box: the table joins, clipped to the box
+    sel = select_by_box(SCENE, (8, 8, 24, 24), points((22, 22)), np.array([True]), morphology=False)
+    np.testing.assert_array_equal(sel.mask, (CUP | TABLE) & rect(8, 8, 24, 24))
+
+
+def test_smoothing_removes_specks_and_fills_small_holes_but_keeps_rings():
+    mask = rect(10, 10, 40, 30)
+    mask[20, 20] = False  # pinhole
+    mask[2, 2] = True  # speck
+    ring = rect(5, 5, 25, 25) & ~rect(10, 10, 20, 20)
+    out = smooth_mask(mask)
+    assert out[20, 20] and not out[2, 2]
+    np.testing.assert_array_equal(smooth_mask(ring), ring)
+
+
+def test_smoothing_keeps_a_clicked_speck():
+    mask = rect(10, 10, 40, 30)
+    mask[2, 2] = True
+    assert smooth_mask(mask, keep_points=points((2, 2)))[2, 2]
+
+
+def test_smoothing_empty():
+    assert not smooth_mask(np.zeros((5, 5), bool)).any()
+
+
+def test_selection_reports_what_it_used():
+    sel = select_by_points(SCENE, points((15, 15), (45, 15)), np.array([True, True]))
+    assert set(sel.indices) == {2, 3}
+    assert sel.score == pytest.approx((0.9 + 0.7) / 2)

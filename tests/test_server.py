@@ -1,0 +1,197 @@
+"""The HTTP protocol through Flask's test client, with the real fixture model."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
+
+from fastsam_backend.scenes import generate_scene
+from fastsam_backend.server import create_app
+from tests.helpers import LABEL_CONFIG, captured, interior_point, keypoint_region, png_bytes
+
+SEED = 1_000_007
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return generate_scene(SEED, (320, 240))
+
+
+
+
+@pytest.fixture(scope="module")
+def served_scene(image_server, scene):
+    root, base = image_server
+    (root / "data" / "upload" / "1").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "upload" / "1" / "scene.png").write_bytes(png_bytes(scene.image))
+    return base, "/data/upload/1/scene.png"
+
+
+@pytest.fixture(scope="module")
+def client(make_settings, served_scene):
+    base, _ = served_scene
+    app = create_app(make_settings(label_studio_url=base, label_studio_api_key="0123456789abcdef" * 2 + "01234567"))
+    return app.test_client()
+
+
+def interactive_body(url, region):
+    body = captured("/predict", interactive=True)
+    body["tasks"][0]["data"]["image"] = url
+    body["params"]["context"]["result"] = [region]
+    return body
+
+
+def metric(client, name, **labels) -> float:
+    text = client.get("/metrics").get_data(as_text=True)
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    match = re.search(rf"^{name}\{{{sel}\}} ([0-9.e+]+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_health_and_setup_do_not_load_the_model(client, make_settings):
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.json["status"] == "UP" and health.json["model_class"] == "FastSAMBackend"
+    assert health.json["ready"] is True
+    setup = client.post("/setup", json=captured("/setup"))
+    assert setup.status_code == 200
+    version = setup.json["model_version"]
+    assert version.startswith(Path(make_settings().fastsam_weights).stem) and "i512" in version
+    assert client.get("/").json["model_loaded"] is False
+
+
+def test_click_returns_the_brush_mask_and_repeats_hit_the_cache(client, served_scene, scene):
+    _, url = served_scene
+    h, w = scene.image.shape[:2]
+    target = max(scene.objects, key=lambda o: o.mask.sum())
+    x, y = interior_point(target.mask)
+    body = interactive_body(url, keypoint_region(x, y, w, h))
+    hits_before = metric(client, "fastsam_cache_lookups_total", result="hit")
+
+    first = client.post("/predict", json=body)
+    assert first.status_code == 200, first.json
+    results = first.json["results"]
+    assert len(results) == 1
+    regions = results[0]["result"]
+    assert len(regions) == 1
+    region = regions[0]
+    assert region["type"] == "brushlabels" and region["from_name"] == "tag" and region["to_name"] == "image"
+    assert region["value"]["brushlabels"] == ["Banana"]
+    assert (region["original_width"], region["original_height"]) == (w, h)
+    mask = sdk_decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 0] > 0
+    assert mask[y, x], "the clicked pixel must be inside the returned mask"
+    assert results[0]["model_version"]
+
+    again = client.post("/predict", json=body)
+    assert again.status_code == 200
+    assert again.json["results"][0]["result"][0]["value"]["rle"] == region["value"]["rle"]
+    assert metric(client, "fastsam_cache_lookups_total", result="hit") == hits_before + 1
+
+
+def test_batch_gives_exactly_one_result_per_task(client, served_scene):
+    _, url = served_scene
+    body = captured("/predict", interactive=False)
+    body["tasks"] = [{"id": i, "data": {"image": url}} for i in range(3)]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    assert len(response.json["results"]) == 3
+    for prediction in response.json["results"]:
+        assert {"result", "score", "model_version"} <= set(prediction)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (b"not json", 400, "JSON object"),
+        ({"tasks": []}, 400, "tasks must be a non-empty list"),
+        ({"tasks": [{"data": {}}], "label_config": LABEL_CONFIG}, 400, r"tasks\[0\].data.image"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": "<View"}, 400, "not valid XML"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": LABEL_CONFIG,
+          "params": {"context": {"result": [{"type": "keypointlabels", "value": {"x": "a", "y": 1}}]}}},
+         400, r"context.result\[0\].value.x"),
+        ({"tasks": [{"data": {"image": "/data/upload/1/missing.png"}}], "label_config": LABEL_CONFIG},
+         422, "127.0.0.1.*404"),
+    ],
+)
+def test_bad_input_gives_a_json_4xx_and_the_server_keeps_serving(client, body, status, message):
+    kwargs = {"data": body, "content_type": "application/json"} if isinstance(body, bytes) else {"json": body}
+    response = client.post("/predict", **kwargs)
+    assert response.status_code == status
+    assert re.search(message, response.json["error"]), response.json
+    assert response.json["request_id"]
+    assert client.get("/health").status_code == 200
+
+
+def test_errors_never_carry_the_token(client, caplog):
+    caplog.set_level(logging.DEBUG)
+    body = {"tasks": [{"data": {"image": "/data/upload/1/missing.png"}}], "label_config": LABEL_CONFIG}
+    response = client.post("/predict", json=body)
+    token = "0123456789abcdef" * 2 + "01234567"
+    assert token not in response.get_data(as_text=True)
+    assert token not in caplog.text
+
+
+def test_unknown_route_and_method_are_json(client):
+    assert client.get("/nope").status_code == 404 and "error" in client.get("/nope").json
+    assert client.get("/predict").status_code == 405
+
+
+def test_webhook(client):
+    trained = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}})
+    assert trained.status_code == 201 and trained.json["status"] == "ok"
+    other = client.post("/webhook", json={"action": "PROJECT_UPDATED"})
+    assert other.status_code == 200 and other.json["status"] == "Unknown event"
+
+
+def test_metrics_are_prometheus_text(client):
+    client.get("/health")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'fastsam_requests_total{method="GET",route="/health",status="200"}' in text
+    assert "fastsam_request_seconds_bucket" in text
+
+
+def test_missing_weights_is_a_503_with_how_to(make_settings, served_scene):
+    base, url = served_scene
+    app = create_app(make_settings(fastsam_weights="FastSAM-x.pt", label_studio_url=base))
+    client = app.test_client()
+    health = client.get("/health").json
+    assert health["ready"] is False and "FastSAM-x.pt" in health["error"]
+    body = interactive_body(url, keypoint_region(10, 10, 320, 240))
+    response = client.post("/predict", json=body)
+    assert response.status_code == 503
+    assert "FastSAM-x.pt" in response.json["error"] and "FASTSAM_WEIGHTS" in response.json["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_basic_auth(make_settings):
+    app = create_app(make_settings(basic_auth_user="ls", basic_auth_pass="s3cret"))
+    client = app.test_client()
+    assert client.get("/health").status_code == 200  # probes need no credentials
+    denied = client.post("/setup", json=captured("/setup"))
+    assert denied.status_code == 401 and "WWW-Authenticate" in denied.headers
+    wrong = base64.b64encode(b"ls:nope").decode()
+    assert client.post("/setup", json={}, headers={"Authorization": f"Basic {wrong}"}).status_code == 401
+    good = base64.b64encode(b"ls:s3cret").decode()
+    assert client.post("/setup", json=captured("/setup"), headers={"Authorization": f"Basic {good}"}).status_code == 200
+
+
+def test_model_py_backend_class(make_settings, served_scene, scene):
+    import model
+
+    base, url = served_scene
+    backend = model.FastSAMBackend(project_id="1", label_config=LABEL_CONFIG,
+                                   settings=make_settings(label_studio_url=base))
+    h, w = scene.image.shape[:2]
+    x, y = interior_point(scene.objects[0].mask)
+    response = backend.predict([{"id": 1, "data": {"image": url}}],
+                               context={"result": [keypoint_region(x, y, w, h)]})
+    assert response["model_version"] == backend.model_version
+    assert len(response["predictions"]) == 1
+    assert backend.fit("START_TRAINING", {})["trained"] is False
+    assert np.isfinite(response["predictions"][0]["score"])
