@@ -67,6 +67,44 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     Application().run()
 
 
+@main.command()
+@click.option("--scenes", type=int, default=40, show_default=True, help="held-out scenes (seeds 1_000_000+)")
+@click.option("--weights", default=None, help="FastSAM checkpoint [env FASTSAM_WEIGHTS]")
+@click.option("--imgsz", type=int, default=None, help="inference size [env IMGSZ]")
+@click.option("--rules/--no-rules", default=True, help="also compare the point rules")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="write the figures as JSON")
+def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, json_out: str | None) -> None:
+    """Mask quality on generated held-out scenes, through the backend's own request path."""
+    import json
+
+    from .evaluation import compare_point_rules, evaluate, held_out_seeds
+    from .service import build_service
+
+    overrides = {k: v for k, v in {"fastsam_weights": weights, "imgsz": imgsz}.items() if v is not None}
+    settings = load_settings(**overrides)
+    _configure_logging("WARNING")
+    service = build_service(settings)
+    seeds = held_out_seeds(scenes)
+    summary = evaluate(service, seeds).summary()
+    click.echo(f"model {service.model_version}, {scenes} held-out scenes\n")
+    click.echo("| check | mean | n |\n|---|---|---|")
+    for name, key in [("one positive click per object: IoU", "point"), ("box = ground-truth box: IoU", "box"),
+                      ("positive + negative click, overlapping pair: IoU", "pos_neg"),
+                      ("everything mode: recall at IoU 0.5", "everything")]:
+        value = summary[f"{key}_miou"] if key != "everything" else summary["everything_recall50"]
+        click.echo(f"| {name} | {value:.3f} | {summary[f'{key}_n']} |")
+    result = {"model_version": service.model_version, "summary": summary}
+    if rules:
+        table = compare_point_rules(service, seeds)
+        click.echo("\n| point rule | click IoU | pos+neg IoU |\n|---|---|---|")
+        for rule, row in table.items():
+            click.echo(f"| {rule} | {row['point_miou']:.3f} | {row['pos_neg_miou']:.3f} |")
+        result["point_rules"] = table
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def _child_exit(server, worker) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess

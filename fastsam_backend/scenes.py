@@ -41,7 +41,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 220, 40),
     "orange": (245, 140, 20),
     "purple": (140, 50, 180),
-    "white": (245, 245, 245),
+    "white": (220, 220, 220),  # light grey: stays visible on a whitened CLIP crop
     "black": (20, 20, 20),
 }
 
@@ -317,7 +317,7 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None) -> Scen
         a = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
         t = ((xx - x0) * math.cos(a) + (yy - y0) * math.sin(a)) / max(x1 - x0, y1 - y0)
-        shade = rgb[None, None, :] + (t[..., None] * rng.uniform(-25, 25))
+        shade = rgb[None, None, :] + (t[..., None] * rng.uniform(-15, 15))
         sub = img[y0:y1, x0:x1]
         mm = m[y0:y1, x0:x1]
         sub[mm] = shade[mm]

@@ -229,3 +229,38 @@ def select_by_box(
     if not mask.any():
         return None
     return Selection(mask, float(masks.scores[best]), tuple(used))
+
+
+SEVERAL_PREFIXES = ("all ", "every ", "each ", "both ")
+
+
+def names_several(text: str) -> bool:
+    """'all red circles', 'every car': the text asks for several objects."""
+    return text.strip().lower().startswith(SEVERAL_PREFIXES)
+
+
+def select_by_text(
+    similarities: np.ndarray,
+    candidates: np.ndarray | None = None,
+    *,
+    several: bool = False,
+    margin: float = 0.02,
+) -> list[int]:
+    """Indices of the masks a text picks: the most similar one, or with ``several`` every
+    mask within ``margin`` (cosine) of it.
+
+    Args:
+        similarities: ``(N,)`` cosine similarity of each mask's crop with the text; masks
+            that were not scored (too small) should be ``-inf``.
+        candidates: ``(N,)`` bool, masks allowed by other prompts (a box, clicks), or None.
+    """
+    sims = np.asarray(similarities, dtype=np.float64).copy()
+    if candidates is not None:
+        sims[~np.asarray(candidates, dtype=bool)] = -np.inf
+    if sims.size == 0 or not np.isfinite(sims.max()):
+        return []
+    best = int(np.argmax(sims))
+    if not several:
+        return [best]
+    chosen = np.flatnonzero(sims >= sims[best] - margin)
+    return [int(i) for i in chosen[np.argsort(-sims[chosen], kind="stable")]]

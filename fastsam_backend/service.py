@@ -1,8 +1,8 @@
 """The backend's work, HTTP-free: tasks + context → one LS prediction per task.
 
 request → prompts → cached masks → selection → LS regions. Built once per worker
-process by ``build_service`` and shared by all requests (thread-safe: the segmenter
-serialises inference, the store single-flights cold images).
+process by ``build_service`` and shared by all requests (thread-safe: the models
+serialise inference, the store single-flights cold images).
 """
 
 from __future__ import annotations
@@ -11,56 +11,65 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import metrics
 from .cache import MaskStore, cache_key, make_cache
+from .clip_scorer import ClipConfig, ClipScorer
 from .errors import BadRequest, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
-from .labelconfig import LabelConfig, OutputTag, parse_label_config
+from .labelconfig import LabelConfig, parse_label_config
+from .labeling import LabelPhrases, label_named_in, zero_shot
 from .masks import MaskSet
+from .options import ProjectOptions
 from .prompts import Prompts, parse_context
 from .results import brush_region, regions_for
 from .segmenter import Segmenter, SegmenterConfig, missing_weights_message
-from .selection import Selection, select_by_box, select_by_points
-from .settings import PointRule, Settings
+from .selection import Selection, names_several, select_by_box, select_by_points, select_by_text
+from .settings import LabelMode, Settings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class ProjectOptions:
-    """Per-project overrides sent through /setup's ``extra_params``."""
+class ImageMasks:
+    """The cached masks of one task image, and the image itself once it had to be fetched."""
 
-    point_rule: PointRule
-    morphology: bool
-    extra: dict[str, Any] = field(default_factory=dict)
-    label_config: str | None = None  # /setup's schema, used when /predict omits label_config
+    url: str
+    digest: str
+    masks: MaskSet
+    image: LoadedImage | None = None
 
 
 class FastSAMService:
     """One per worker process; see ``build_service``."""
 
-    def __init__(self, settings: Settings, segmenter: Segmenter, store: MaskStore, images: ImageLoader) -> None:
+    def __init__(self, settings: Settings, segmenter: Segmenter, store: MaskStore, images: ImageLoader,
+                 clip: ClipScorer | None = None) -> None:
         self.settings = settings
         self.segmenter = segmenter
         self.store = store
         self.images = images
+        self.clip = clip
+        self._defaults = ProjectOptions.defaults(settings)
         self._projects: dict[str, ProjectOptions] = {}
         self._lock = threading.Lock()
+        self._phrases: dict[tuple[str, ...], np.ndarray] = {}
+        self._clip_warned = False
 
     # ----------------------------------------------------------------- setup
     @property
     def model_version(self) -> str:
         """Checkpoint identity and every parameter that changes outputs (LS re-predicts when it changes)."""
         s = self.settings
-        return (
-            f"{self.segmenter.identity}-i{s.imgsz}-c{s.conf:g}-u{s.iou:g}-d{s.max_det}"
-            f"-{s.point_rule.value}{'-m' if s.morphology else ''}"
-        )
+        version = (f"{self.segmenter.identity}-i{s.imgsz}-c{s.conf:g}-u{s.iou:g}-d{s.max_det}"
+                   f"-{s.point_rule.value}{'-m' if s.morphology else ''}")
+        if self.clip is not None and s.clip_enabled and s.label_mode is LabelMode.CLIP:
+            version += f"+{self.clip.identity}"
+        return version
 
     def setup(self, project: str | None, hostname: str | None = None, access_token: str | None = None,
               extra_params: Any = None, schema: str | None = None) -> str:
@@ -68,8 +77,7 @@ class FastSAMService:
         self.images.set_fallback(hostname, access_token)
         if extra_params is not None and not isinstance(extra_params, dict):
             raise BadRequest("extra_params must be an object or null")
-        options = self._options(extra_params or {})
-        options.label_config = schema
+        options = self._defaults.with_overrides(extra_params, schema)
         if project:
             with self._lock:
                 self._projects[project_id(project)] = options
@@ -84,23 +92,13 @@ class FastSAMService:
         cfg = self.segmenter.config
         return missing_weights_message(cfg.weights, cfg.model_dir)
 
-    def _options(self, extra: dict[str, Any]) -> ProjectOptions:
-        try:
-            rule = PointRule(extra.get("point_rule", self.settings.point_rule))
-        except ValueError as exc:
-            raise BadRequest(f"extra_params.point_rule must be one of {[r.value for r in PointRule]}") from exc
-        morph = extra.get("morphology", self.settings.morphology)
-        if not isinstance(morph, bool):
-            raise BadRequest("extra_params.morphology must be true or false")
-        return ProjectOptions(rule, morph, extra)
-
     def options_for(self, project: str | None) -> ProjectOptions:
         with self._lock:
             found = self._projects.get(project_id(project)) if project else None
-        return found or ProjectOptions(self.settings.point_rule, self.settings.morphology)
+        return found or self._defaults
 
     # --------------------------------------------------------------- predict
-    def predict(self, tasks: list[dict[str, Any]], context: Any, label_config: str,
+    def predict(self, tasks: list[dict[str, Any]], context: Any, label_config: str | None,
                 project: str | None = None) -> list[dict[str, Any]]:
         """One prediction per task: ``{"result": [...], "score": float, "model_version": str}``."""
         if not isinstance(tasks, list) or not tasks:
@@ -113,34 +111,28 @@ class FastSAMService:
             raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
         predictions = []
         for i, task in enumerate(tasks):
-            image_url = task_image_url(task, config, i)
-            masks = self.masks_for(image_url)
+            found = self.masks_for(task_image_url(task, config, i))
             if interactive:
-                result = self._answer_prompts(masks, prompts, config, options, task.get("id"))
+                result = self._answer_prompts(found, prompts, config, options, task.get("id"))
             else:
-                result = self._everything(masks, config)
+                result = self._pre_annotate(found, config, options)
             scores = [r["score"] for r in result if "score" in r]
-            predictions.append({
-                "result": result,
-                "score": float(np.mean(scores)) if scores else 0.0,
-                "model_version": self.model_version,
-            })
+            predictions.append({"result": result, "score": float(np.mean(scores)) if scores else 0.0,
+                                "model_version": self.model_version})
         return predictions
 
-    def masks_for(self, image_url: str) -> MaskSet:
+    def masks_for(self, image_url: str) -> ImageMasks:
         """All-instance masks of the image at ``image_url``: from the cache, else segmented once."""
         params = self.settings.inference_params()
         url_key = _url_key(image_url)
-        if self.settings.remember_image_urls:
-            digest = self.store.cache.get(url_key)
-            if digest is not None:
-                entry = self.store.peek(cache_key(digest.decode(), self.segmenter.identity, params))
-                if entry is not None:
-                    metrics.CACHE_LOOKUPS.labels(result="hit").inc()
-                    return entry[0]
+        if self.settings.remember_image_urls and (digest := self.store.cache.get(url_key)) is not None:
+            entry = self.store.peek(cache_key(digest.decode(), self.segmenter.identity, params))
+            if entry is not None:
+                metrics.CACHE_LOOKUPS.labels(result="hit").inc()
+                return ImageMasks(image_url, digest.decode(), entry[0])
         if not self.segmenter.loaded and not self.segmenter.weights_available():
             raise ModelUnavailable(self.segmenter_missing_message())  # before downloading anything
-        image: LoadedImage = self.images.load(image_url)
+        image = self.images.load(image_url)
         if self.settings.remember_image_urls:
             self.store.cache.put(url_key, image.digest.encode())
 
@@ -153,48 +145,141 @@ class FastSAMService:
                      image.size[1], image.size[0], len(masks), 1000 * elapsed)
             return masks, {}
 
-        masks, _extras, hit = self.store.get_or_compute(
-            cache_key(image.digest, self.segmenter.identity, params), compute)
+        masks, _, hit = self.store.get_or_compute(cache_key(image.digest, self.segmenter.identity, params), compute)
         metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-        return masks
+        return ImageMasks(image_url, image.digest, masks, image)
+
+    def crop_embeddings(self, found: ImageMasks) -> np.ndarray:
+        """``(N, D)`` CLIP embeddings of the masks' crops, cached beside the masks."""
+        clip = self._require_clip()
+        model_id = f"{self.segmenter.identity}|{clip.identity}"
+        key = cache_key(found.digest, model_id, self.settings.inference_params())
+
+        def compute() -> tuple[MaskSet, dict]:
+            image = found.image or self.images.load(found.url)
+            found.image = image
+            return MaskSet.empty(found.masks.image_size), {"clip": clip.embed_masks(image.pixels, found.masks)}
+
+        _, extras, _ = self.store.get_or_compute(key, compute)
+        return extras["clip"]
+
+    def _require_clip(self) -> ClipScorer:
+        if self.clip is None or not self.settings.clip_enabled:
+            raise ModelUnavailable("text prompts need CLIP, which is disabled (CLIP_ENABLED=false)")
+        self.clip.load()
+        return self.clip
+
+    def phrase_embeddings(self, phrases: tuple[str, ...]) -> np.ndarray:
+        """Text embeddings, memoised per process (labels repeat on every task)."""
+        with self._lock:
+            found = self._phrases.get(phrases)
+        if found is None:
+            found = self._require_clip().embed_texts(list(phrases))
+            with self._lock:
+                self._phrases[phrases] = found
+        return found
 
     # ------------------------------------------------------------ selection
-    def _answer_prompts(self, masks: MaskSet, prompts: Prompts, config: LabelConfig,
+    def _answer_prompts(self, found: ImageMasks, prompts: Prompts, config: LabelConfig,
                         options: ProjectOptions, task_id: Any) -> list[dict[str, Any]]:
         brush = config.brush
         assert brush is not None  # checked by predict
         if not prompts:
             return []
+        masks = found.masks
         h, w = masks.image_size
         points = np.array([p.in_pixels(w, h) for p in prompts.points], dtype=np.int64).reshape(-1, 2)
         positive = np.array([p.positive for p in prompts.points], dtype=bool)
         selections: list[Selection | None] = []
-        if prompts.boxes:
+        label = brush.match_label(prompts.label)
+        if prompts.texts:
+            text = " ".join(t.text for t in prompts.texts)
+            selections.append(self._select_text(found, text, prompts, points, positive, options))
+            label = label_named_in(text, brush.labels) or label
+        elif prompts.boxes:
             for box in prompts.boxes:
                 selections.append(select_by_box(masks, box.in_pixels(w, h), points, positive,
                                                 rule=options.point_rule, morphology=options.morphology))
         elif len(points):
             selections.append(select_by_points(masks, points, positive, rule=options.point_rule,
                                                morphology=options.morphology))
-        label = brush.match_label(prompts.label) or (brush.labels[0] if brush.labels else None)
-        found = [s for s in selections if s is not None]
-        if len(found) < len(selections):
+        label = label or options.default_label or (brush.labels[0] if brush.labels else None)
+        chosen = [s for s in selections if s is not None]
+        if len(chosen) < len(selections):
             log.info("task %s: %d of %d prompts matched no mask (%d instances on the image; a click on "
                      "background or an object the model did not find)", task_id,
-                     len(selections) - len(found), len(selections), len(masks))
-        return [brush_region(brush, s.mask, label, s.score) for s in found]
+                     len(selections) - len(chosen), len(selections), len(masks))
+        return [brush_region(brush, s.mask, label, s.score) for s in chosen]
 
-    def _everything(self, masks: MaskSet, config: LabelConfig) -> list[dict[str, Any]]:
-        """Prompt-less pre-annotation: every instance, largest score first."""
+    def _select_text(self, found: ImageMasks, text: str, prompts: Prompts, points: np.ndarray,
+                     positive: np.ndarray, options: ProjectOptions) -> Selection | None:
+        masks = found.masks
+        if len(masks) == 0:
+            return None
+        embeddings = self.crop_embeddings(found).astype(np.float32)
+        sims = embeddings @ self.phrase_embeddings((text,))[0]
+        sims[~embeddings.any(axis=1)] = -np.inf  # too small to score
+        candidates = np.ones(len(masks), dtype=bool)
+        h, w = masks.image_size
+        for box in prompts.boxes:  # text with a box: masks whose box lies mostly inside it
+            x0, y0, x1, y1 = box.in_pixels(w, h)
+            candidates &= masks.box_intersections((x0, y0, x1, y1)) >= 0.5 * masks.areas
+        for (x, y), pos in zip(points, positive):  # text with clicks: masks under the clicks
+            covers = masks.contains(int(x), int(y))
+            candidates &= covers if pos else ~covers
+        picked = select_by_text(sims, candidates, several=names_several(text), margin=options.text_margin)
+        if not picked:
+            return None
+        union = masks[picked].union()
+        return Selection(union, float(np.mean(masks.scores[picked])), tuple(picked))
+
+    def _pre_annotate(self, found: ImageMasks, config: LabelConfig, options: ProjectOptions) -> list[dict]:
+        """Prompt-less pre-annotation: every instance worth keeping, labelled, highest score first."""
+        masks = found.masks
+        h, w = masks.image_size
+        keep = (masks.areas >= options.preannotate_min_area * h * w) & (masks.scores >= options.preannotate_min_score)
+        order = [int(i) for i in np.argsort(-masks.scores, kind="stable") if keep[i]]
+        order = order[: options.preannotate_max_instances]
         targets = config.pre_annotation_targets()
-        order = np.argsort(-masks.scores, kind="stable")
+        labels_per_tag = {tag.from_name: self._instance_labels(found, order, tag, options) for tag in targets}
         result: list[dict[str, Any]] = []
-        for i in order:
-            mask = masks.mask(int(i))
+        for rank, i in enumerate(order):
+            mask = masks.mask(i)
             for tag in targets:
-                label = tag.labels[0] if tag.labels else None
-                result.extend(regions_for(tag, mask, label, float(masks.scores[i])))
+                label = labels_per_tag[tag.from_name][rank]
+                if label is not False:  # False: CLIP could not place it and there is no default label
+                    result.extend(regions_for(tag, mask, label, float(masks.scores[i])))
         return result
+
+    def _instance_labels(self, found: ImageMasks, order: list[int], tag: Any,
+                         options: ProjectOptions) -> list[str | bool | None]:
+        """Per kept instance its label; False = drop the instance."""
+        first = tag.labels[0] if tag.labels else None
+        mode = options.label_mode
+        if mode is LabelMode.CLIP and tag.labels and order and not self._clip_usable():
+            mode = LabelMode.FIRST
+        if mode is LabelMode.NONE:
+            return [None] * len(order)
+        if mode is LabelMode.FIRST or not tag.labels or not order:
+            return [first] * len(order)
+        phrases = LabelPhrases.of(tag)
+        embeddings = self.crop_embeddings(found)[order]
+        labels, sims = zero_shot(embeddings, self.phrase_embeddings(phrases.phrases), phrases.owner,
+                                 len(phrases.labels))
+        placed = embeddings.any(axis=1) & (sims >= options.label_min_similarity)
+        fallback = options.default_label or False
+        return [phrases.labels[int(lab)] if ok else fallback for lab, ok in zip(labels, placed)]
+
+    def _clip_usable(self) -> bool:
+        """CLIP for zero-shot labels; without it pre-annotation still works (first label), said once."""
+        try:
+            self._require_clip()
+            return True
+        except ModelUnavailable as exc:
+            if not self._clip_warned:
+                self._clip_warned = True
+                log.warning("pre-annotation labels fall back to each tag's first label: %s", exc.message)
+            return False
 
 
 def _url_key(url: str) -> str:
@@ -217,13 +302,11 @@ def task_image_url(task: Any, config: LabelConfig, index: int) -> str:
 
 
 def build_service(settings: Settings) -> FastSAMService:
-    """Wire the stages from settings; nothing heavy happens here (the model loads on first use)."""
+    """Wire the stages from settings; nothing heavy happens here (models load on first use)."""
     return FastSAMService(
         settings=settings,
         segmenter=Segmenter(SegmenterConfig.from_settings(settings)),
         store=MaskStore(make_cache(settings)),
         images=ImageLoader(ImageSourceConfig.from_settings(settings)),
+        clip=ClipScorer(ClipConfig.from_settings(settings)) if settings.clip_enabled else None,
     )
-
-
-__all__ = ["FastSAMService", "OutputTag", "build_service"]

@@ -21,6 +21,14 @@ class PointRule(str, Enum):
     CASIA = "casia"  # CASIA repo: area-ordered painting, smaller masks override larger ones
 
 
+class LabelMode(str, Enum):
+    """How pre-annotation labels instances."""
+
+    CLIP = "clip"  # zero-shot against the project's labels (falls back to FIRST without CLIP)
+    FIRST = "first"  # the first label of the tag
+    NONE = "none"  # no label (the annotator picks)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
@@ -39,6 +47,27 @@ class Settings(BaseSettings):
     # --- selection ---------------------------------------------------------
     point_rule: PointRule = PointRule.SMALLEST
     morphology: bool = True
+
+    # --- CLIP (text prompts, zero-shot labels) -------------------------------
+    clip_enabled: bool = True
+    open_clip_model: str = Field("ViT-B-32", description="open_clip model name, or a model config .json path")
+    open_clip_pretrained: str = Field("openai", description="open_clip pretrained tag, or a checkpoint path")
+    clip_min_mask_area: int = Field(100, ge=0, description="masks of this many pixels or fewer are not scored")
+    text_margin: float = Field(
+        0.02, ge=0, description="'all red circles': every mask within this cosine margin of the best"
+    )
+
+    # --- pre-annotation (no context) ------------------------------------------
+    preannotate_min_area: float = Field(
+        0.0005, ge=0, description="drop instances smaller than this fraction of the image"
+    )
+    preannotate_max_instances: int = Field(100, ge=1)
+    preannotate_min_score: float = Field(0.0, ge=0, le=1, description="drop instances below this confidence")
+    label_mode: LabelMode = LabelMode.CLIP
+    label_min_similarity: float = Field(
+        0.2, description="CLIP cosine below which an instance is dropped (or gets DEFAULT_LABEL)"
+    )
+    default_label: str | None = Field(None, description="label for instances CLIP cannot place")
 
     # --- cache -------------------------------------------------------------
     redis_url: str | None = None
@@ -74,7 +103,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     max_request_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
-    @field_validator("redis_url", "label_studio_url", "basic_auth_user", mode="before")
+    @field_validator("redis_url", "label_studio_url", "basic_auth_user", "default_label", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

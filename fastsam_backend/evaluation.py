@@ -1,0 +1,175 @@
+"""Mask quality on held-out generated scenes, measured through the backend's own request path.
+
+Every prompt goes in as the LS JSON a user's click would produce, through
+``FastSAMService.predict`` (prompt parsing → cached masks → selection → RLE), and the
+returned RLE is decoded and compared with the scene's ground truth. Used by the
+test-suite (floors) and by ``fastsam-backend quality`` (the README's table).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from .rle import decode_rle
+from .scenes import Scene, generate_scene
+from .service import FastSAMService
+from .settings import PointRule
+
+TEST_SEED0 = 1_000_000  # held-out scenes (training used < 1_000_000)
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="mask" toName="image"><Label value="object"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="object"/></KeyPointLabels>
+  <RectangleLabels name="box" toName="image" smart="true"><Label value="object"/></RectangleLabels>
+  <TextArea name="prompt" toName="image"/>
+</View>"""
+
+
+@dataclass
+class QualityReport:
+    """Per-prompt-kind IoU lists and everything-mode recall."""
+
+    point: list[float] = field(default_factory=list)
+    box: list[float] = field(default_factory=list)
+    separate: list[float] = field(default_factory=list)
+    everything_hits: list[bool] = field(default_factory=list)
+    scenes: int = 0
+
+    def summary(self) -> dict[str, float]:
+        def mean(xs: list) -> float:
+            return float(np.mean(xs)) if xs else float("nan")
+
+        return {
+            "scenes": self.scenes,
+            "point_miou": mean(self.point),
+            "point_n": len(self.point),
+            "box_miou": mean(self.box),
+            "box_n": len(self.box),
+            "pos_neg_miou": mean(self.separate),
+            "pos_neg_n": len(self.separate),
+            "everything_recall50": mean(self.everything_hits),
+            "everything_n": len(self.everything_hits),
+        }
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def data_uri(image: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def click_points(mask: np.ndarray, rng: np.random.Generator, n_random: int = 1) -> list[tuple[int, int]]:
+    """The deepest interior pixel plus ``n_random`` random pixels at least 3 px inside the object."""
+    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    points = [(int(x), int(y))]
+    inner = np.argwhere(dist >= min(3.0, float(dist.max())))
+    for _ in range(n_random):
+        yy, xx = inner[rng.integers(len(inner))]
+        points.append((int(xx), int(yy)))
+    return points
+
+
+def _keypoint(x: int, y: int, w: int, h: int, positive: bool) -> dict:
+    return {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
+            "original_height": h, "is_positive": positive,
+            "value": {"x": 100.0 * (x + 0.5) / w, "y": 100.0 * (y + 0.5) / h, "keypointlabels": ["object"]}}
+
+
+def _box(mask: np.ndarray) -> dict:
+    h, w = mask.shape
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    x0, x1, y0, y1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
+    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": w,
+            "original_height": h, "value": {"x": 100.0 * x0 / w, "y": 100.0 * y0 / h,
+                                            "width": 100.0 * (x1 - x0) / w, "height": 100.0 * (y1 - y0) / h,
+                                            "rectanglelabels": ["object"]}}
+
+
+class SceneClient:
+    """Asks the service about one scene as Label Studio would, and decodes the answers."""
+
+    def __init__(self, service: FastSAMService, scene: Scene, project: str | None = None) -> None:
+        self.service, self.scene, self.project = service, scene, project
+        self.task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+        self.h, self.w = scene.image.shape[:2]
+
+    def ask(self, regions: list[dict]) -> np.ndarray:
+        """The union of the returned brush regions as an ``(H, W)`` bool mask."""
+        prediction = self.service.predict([self.task], {"result": regions}, LABEL_CONFIG, project=self.project)[0]
+        out = np.zeros((self.h, self.w), bool)
+        for region in prediction["result"]:
+            out |= decode_rle(region["value"]["rle"], self.h, self.w)
+        return out
+
+    def click(self, x: int, y: int, positive: bool = True) -> dict:
+        return _keypoint(x, y, self.w, self.h, positive)
+
+    def everything(self) -> list[np.ndarray]:
+        prediction = self.service.predict([self.task], None, LABEL_CONFIG, project=self.project)[0]
+        return [decode_rle(r["value"]["rle"], self.h, self.w) for r in prediction["result"]
+                if r["type"] == "brushlabels"]
+
+
+def overlapping_pairs(scene: Scene) -> list[tuple[int, int]]:
+    """(a, b) index pairs of objects that touch or overlap (b's dilated mask meets a)."""
+    pairs = []
+    kernel = np.ones((5, 5), np.uint8)
+    for b, obj_b in enumerate(scene.objects):
+        grown = cv2.dilate(obj_b.mask.astype(np.uint8), kernel).astype(bool)
+        for a, obj_a in enumerate(scene.objects):
+            if a != b and (grown & obj_a.mask).any():
+                pairs.append((a, b))
+    return pairs
+
+
+def evaluate(service: FastSAMService, seeds: Iterable[int], *, project: str | None = None,
+             clicks_per_object: int = 2, everything: bool = True) -> QualityReport:
+    """Run the point, box, positive+negative and everything-mode checks on the given scenes."""
+    report = QualityReport()
+    for seed in seeds:
+        scene = generate_scene(seed)
+        client = SceneClient(service, scene, project)
+        rng = np.random.default_rng(seed)
+        report.scenes += 1
+        for obj in scene.objects:
+            for x, y in click_points(obj.mask, rng, clicks_per_object - 1):
+                report.point.append(iou(client.ask([client.click(x, y)]), obj.mask))
+            report.box.append(iou(client.ask([_box(obj.mask)]), obj.mask))
+        for a, b in overlapping_pairs(scene):
+            (xa, ya), (xb, yb) = click_points(scene.objects[a].mask, rng, 0)[0], \
+                click_points(scene.objects[b].mask, rng, 0)[0]
+            got = client.ask([client.click(xa, ya), client.click(xb, yb, positive=False)])
+            report.separate.append(iou(got, scene.objects[a].mask))
+        if everything:
+            found = client.everything()
+            for obj in scene.objects:
+                report.everything_hits.append(any(iou(m, obj.mask) >= 0.5 for m in found))
+    return report
+
+
+def compare_point_rules(service: FastSAMService, seeds: list[int]) -> dict[str, dict[str, float]]:
+    """The same scenes under each ``PointRule`` (set per project through /setup's extra_params)."""
+    table = {}
+    for rule in PointRule:
+        project = f"rule-{rule.value}"
+        service.setup(project, extra_params={"point_rule": rule.value})
+        report = evaluate(service, seeds, project=project, everything=False)
+        table[rule.value] = report.summary()
+    return table
+
+
+def held_out_seeds(n: int, offset: int = 0) -> list[int]:
+    return [TEST_SEED0 + offset + i for i in range(n)]

@@ -1,0 +1,48 @@
+"""Per-project options: the selection/pre-annotation settings a project may override
+through /setup's ``extra_params`` (validated like the environment, errors name the field)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import BadRequest
+from .settings import LabelMode, PointRule, Settings
+
+OVERRIDABLE = (
+    "point_rule", "morphology", "text_margin", "preannotate_min_area", "preannotate_max_instances",
+    "preannotate_min_score", "label_mode", "label_min_similarity", "default_label",
+)
+
+
+class ProjectOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    point_rule: PointRule
+    morphology: bool
+    text_margin: float = Field(ge=0)
+    preannotate_min_area: float = Field(ge=0)
+    preannotate_max_instances: int = Field(ge=1)
+    preannotate_min_score: float = Field(ge=0, le=1)
+    label_mode: LabelMode
+    label_min_similarity: float
+    default_label: str | None = None
+    label_config: str | None = None  # /setup's schema, used when /predict omits label_config
+
+    @classmethod
+    def defaults(cls, settings: Settings) -> ProjectOptions:
+        return cls(**{name: getattr(settings, name) for name in OVERRIDABLE})
+
+    def with_overrides(self, extra: dict[str, Any] | None, label_config: str | None = None) -> ProjectOptions:
+        """A copy with ``extra_params`` applied (unknown keys ignored, bad values → BadRequest)."""
+        data = self.model_dump()
+        data.update({k: v for k, v in (extra or {}).items() if k in OVERRIDABLE})
+        if label_config is not None:
+            data["label_config"] = label_config
+        try:
+            return ProjectOptions.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"])
+            raise BadRequest(f"extra_params.{field}: {first['msg']}") from exc

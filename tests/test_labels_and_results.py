@@ -1,0 +1,135 @@
+"""Label config parsing, zero-shot label assignment, text selection and region serialisation."""
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
+
+from fastsam_backend.errors import BadRequest
+from fastsam_backend.labelconfig import parse_label_config
+from fastsam_backend.labeling import LabelPhrases, label_named_in, zero_shot
+from fastsam_backend.results import brush_region, mask_polygons, regions_for
+from fastsam_backend.selection import names_several, select_by_text
+from tests.helpers import LABEL_CONFIG, iou
+
+FULL_CONFIG = """<View>
+  <Image name="img" value="$photo"/>
+  <BrushLabels name="brush" toName="img"><Label value="Cat" predicted_values="kitten,kitty"/><Label value="Dog"/></BrushLabels>
+  <PolygonLabels name="poly" toName="img"><Label value="Cat"/></PolygonLabels>
+  <RectangleLabels name="rect" toName="img"><Label value="Dog"/></RectangleLabels>
+  <RectangleLabels name="prompt_box" toName="img" smart="true"><Label value="Cat"/></RectangleLabels>
+  <BrushLabels name="other" toName="somewhere_else"><Label value="X"/></BrushLabels>
+</View>"""
+
+
+def test_parse_the_captured_config():
+    config = parse_label_config(LABEL_CONFIG)
+    assert (config.image_name, config.image_key) == ("image", "image")
+    assert config.brush.from_name == "tag" and config.brush.labels == ("Banana", "Orange")
+    # smart tools are prompts, not pre-annotation targets
+    assert [t.from_name for t in config.pre_annotation_targets()] == ["tag"]
+
+
+def test_parse_full_config():
+    config = parse_label_config(FULL_CONFIG)
+    assert config.image_key == "photo"
+    assert [(t.kind, t.from_name) for t in config.pre_annotation_targets()] == [
+        ("brushlabels", "brush"), ("polygonlabels", "poly"), ("rectanglelabels", "rect")]
+    assert config.brush.synonyms["Cat"] == ("kitten", "kitty")
+    assert config.brush.match_label("cat") == "Cat" and config.brush.match_label("Cow") is None
+
+
+@pytest.mark.parametrize(("xml", "message"), [
+    ("", "label_config is missing"),
+    ("<View><Image", "not valid XML"),
+    ("<View><BrushLabels name='b' toName='i'/></View>", "no <Image>"),
+    ("<View><Image name='i' value='$i'/><Choices name='c' toName='i'/></View>", "no BrushLabels"),
+])
+def test_bad_configs(xml, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_label_config(xml)
+
+
+def test_zero_shot_uses_the_best_phrase_of_each_label():
+    tag = parse_label_config(FULL_CONFIG).brush
+    phrases = LabelPhrases.of(tag)
+    assert phrases.phrases == ("Cat", "kitten", "kitty", "Dog")
+    eye = np.eye(4, dtype=np.float32)
+    # masks resembling "kitty", "Dog", and neither
+    masks = np.stack([eye[2], eye[3], np.zeros(4, np.float32)])
+    labels, sims = zero_shot(masks, eye, phrases.owner, 2)
+    assert labels[:2].tolist() == [0, 1]
+    assert sims.tolist() == pytest.approx([1.0, 1.0, 0.0])
+
+
+@pytest.mark.parametrize(("text", "labels", "expected"), [
+    ("the big banana", ("Banana", "Orange"), "Banana"),
+    ("all oranges", ("Banana", "Orange"), "Orange"),
+    ("red car", ("Car", "Red car"), "Red car"),
+    ("something", ("Banana",), None),
+])
+def test_label_named_in(text, labels, expected):
+    assert label_named_in(text, labels) == expected
+
+
+def test_select_by_text():
+    sims = np.array([0.1, 0.5, 0.49, -np.inf, 0.2])
+    assert select_by_text(sims) == [1]
+    assert select_by_text(sims, several=True, margin=0.02) == [1, 2]
+    assert select_by_text(sims, np.array([1, 0, 0, 1, 1], bool)) == [4]
+    assert select_by_text(np.array([-np.inf])) == []
+    assert names_several("All red circles") and not names_several("a ball")
+
+
+def blob_mask(h=60, w=80):
+    yy, xx = np.mgrid[:h, :w]
+    return ((yy - 30) ** 2 / 400 + (xx - 40) ** 2 / 900 < 1) | ((yy - 10) ** 2 + (xx - 70) ** 2 < 25)
+
+
+def test_brush_region_decodes_through_the_sdk():
+    tag = parse_label_config(FULL_CONFIG).brush
+    mask = blob_mask()
+    region = brush_region(tag, mask, "Cat", 0.87)
+    assert region["type"] == "brushlabels" and region["from_name"] == "brush" and region["to_name"] == "img"
+    assert (region["original_width"], region["original_height"]) == (80, 60)
+    decoded = sdk_decode_rle(region["value"]["rle"]).reshape(60, 80, 4)[:, :, 3] > 0
+    np.testing.assert_array_equal(decoded, mask)
+    assert region["value"]["brushlabels"] == ["Cat"] and region["score"] == 0.87
+
+
+def rasterize(regions, h, w):
+    import cv2
+
+    out = np.zeros((h, w), np.uint8)
+    for r in regions:
+        pts = np.array(r["value"]["points"]) * [w / 100, h / 100]
+        cv2.fillPoly(out, [np.round(pts - 0.5).astype(np.int32)], 1)
+    return out.astype(bool)
+
+
+def test_polygons_match_the_mask():
+    config = parse_label_config(FULL_CONFIG)
+    poly_tag = next(t for t in config.outputs if t.kind == "polygonlabels")
+    mask = blob_mask()
+    regions = regions_for(poly_tag, mask, "Cat", 0.5)
+    assert len(regions) == 2  # two separate blobs → two polygons
+    assert all(r["value"]["closed"] and r["value"]["polygonlabels"] == ["Cat"] for r in regions)
+    assert iou(rasterize(regions, 60, 80), mask) >= 0.9
+
+
+def test_rectangle_region_is_the_tight_box():
+    config = parse_label_config(FULL_CONFIG)
+    rect_tag = next(t for t in config.outputs if t.from_name == "rect")
+    mask = np.zeros((50, 100), bool)
+    mask[10:20, 30:60] = True
+    (region,) = regions_for(rect_tag, mask, "Dog", 0.5)
+    assert region["value"]["x"] == pytest.approx(30.0) and region["value"]["y"] == pytest.approx(20.0)
+    assert region["value"]["width"] == pytest.approx(30.0) and region["value"]["height"] == pytest.approx(20.0)
+    assert regions_for(rect_tag, np.zeros((5, 5), bool), "Dog", 0.5) == []
+
+
+def test_ring_polygon_is_its_outline():
+    yy, xx = np.mgrid[:100, :100]
+    r2 = (yy - 50) ** 2 + (xx - 50) ** 2
+    ring = (r2 < 40**2) & (r2 >= 20**2)
+    (poly,) = mask_polygons(ring)
+    assert len(poly) >= 8  # simplified, but still round
