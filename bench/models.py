@@ -8,7 +8,11 @@ trained model in the two ways that *do* change the cost of an everything pass:
 
 * **activations**: every BatchNorm gets the statistics of a real image (one
   forward pass in train mode, data-dependent init), so features are O(1) and
-  follow the image — mask logits vary in space and masks are blobs, not boxes;
+  follow the image (with the default init they vanish, ~1e-6, and every mask
+  is its whole box);
+* **mask shape**: the prototype branch is made spatially smooth (channel mixing
+  + box blur, nearest upsampling: same layers and FLOPs), so masks are blobs
+  with a few pieces, not pixel noise;
 * **instance count**: the class head's bias is shifted so that about ``target``
   detections survive ``conf`` + NMS on a calibration image (mask decoding and
   encoding scale with it). The actual count is always measured and reported.
@@ -61,7 +65,31 @@ def new_model(arch: str, seed: int = 0):
     from ultralytics.nn.tasks import SegmentationModel
 
     torch.manual_seed(seed)
-    return SegmentationModel(ARCH_YAMLS[arch], nc=1, verbose=False).eval()
+    model = SegmentationModel(ARCH_YAMLS[arch], nc=1, verbose=False).eval()
+    smooth_prototypes(model)
+    return model
+
+
+def smooth_prototypes(model) -> None:
+    """Make the mask prototypes spatially smooth (same layers and FLOPs, other weight values).
+
+    Random 3x3 kernels and a random transposed conv turn the prototypes into pixel
+    noise, so masks would be speckle with hundreds of pieces; a trained model's are
+    smooth blobs. Here the prototype branch becomes channel mixing + box blur
+    (``cv1``), nearest-neighbour upsampling and another box blur (``cv2``).
+    """
+    import torch
+
+    proto = model.model[-1].proto
+    with torch.no_grad():
+        channels = proto.upsample.weight.shape[0]
+        eye = torch.eye(channels)[:, :, None, None]
+        proto.upsample.weight.copy_(eye.expand_as(proto.upsample.weight))
+        proto.upsample.bias.zero_()
+        proto.cv2.conv.weight.copy_(eye.expand_as(proto.cv2.conv.weight) / 9)
+        w1 = proto.cv1.conv.weight
+        mix = torch.randn(w1.shape[0], w1.shape[1]) / w1.shape[1] ** 0.5
+        w1.copy_(mix[:, :, None, None].expand_as(w1) / 9)
 
 
 def calibrate_batchnorm(model, image_rgb: np.ndarray, imgsz: int) -> None:
@@ -90,7 +118,8 @@ def _raw_predictions(model, image_rgb: np.ndarray, imgsz: int):
 def _count_after_nms(preds, conf: float, iou: float, max_det: int) -> int:
     from ultralytics.utils.nms import non_max_suppression
 
-    return int(non_max_suppression(preds, conf, iou, max_det=max_det, nc=1)[0].shape[0])
+    # max_time_img: the bisection's first cut-offs keep thousands of boxes; never truncate them
+    return int(non_max_suppression(preds, conf, iou, max_det=max_det, nc=1, max_time_img=60.0)[0].shape[0])
 
 
 def calibrate_class_bias(model, image_rgb: np.ndarray, imgsz: int, conf: float, iou: float, max_det: int,
@@ -150,3 +179,29 @@ def prepared_model(arch: str, image_rgb: np.ndarray, *, seed: int = 0, bn_imgsz:
     model = new_model(arch, seed)
     calibrate_batchnorm(model, image_rgb, bn_imgsz)
     return model.half().float()  # the checkpoint is fp16: calibrate what will be loaded
+
+
+def checkpoint(cache_dir: Path, arch: str, imgsz: int, image_rgb: np.ndarray, *, conf: float, iou: float,
+               max_det: int, target: int, bases: dict, seed: int = 0) -> BuiltModel:
+    """``build_checkpoint``, reusing a file built earlier with the same recipe (``cache_dir``).
+
+    ``bases`` memoizes BatchNorm-calibrated models per architecture within one run.
+    """
+    import hashlib
+    import json
+
+    import ultralytics
+
+    recipe = json.dumps([arch, imgsz, conf, iou, max_det, target, seed, ultralytics.__version__,
+                         hashlib.sha256(np.ascontiguousarray(image_rgb).tobytes()).hexdigest()[:16], 2])
+    name = f"{ARCH_NAMES[arch]}-i{imgsz}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    path, meta = cache_dir / f"{name}.pt", cache_dir / f"{name}.json"
+    if path.is_file() and meta.is_file():
+        info = json.loads(meta.read_text())
+        return BuiltModel(arch, path, imgsz, conf, target, info["count"], info["params_m"])
+    if arch not in bases:
+        bases[arch] = prepared_model(arch, image_rgb, seed=seed)
+    built = build_checkpoint(arch, path, image_rgb, imgsz=imgsz, conf=conf, iou=iou, max_det=max_det,
+                             target=target, seed=seed, base=bases[arch])
+    meta.write_text(json.dumps({"count": built.calibrated_count, "params_m": built.params_m}))
+    return built

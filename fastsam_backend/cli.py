@@ -26,7 +26,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", default=None, help="bind address [env HOST, default 0.0.0.0]")
+@click.option("--host", default=None, help="bind address [env BIND_HOST, default 0.0.0.0]")
 @click.option("--port", type=int, default=None, help="[env PORT, default 9090]")
 @click.option("--workers", type=int, default=None, help="gunicorn processes [env WORKERS, default 1]")
 @click.option("--threads", type=int, default=None, help="threads per worker [env THREADS, default 4]")
@@ -34,7 +34,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     """Run the backend under gunicorn (the app factory fastsam_backend.server:create_app)."""
     from gunicorn.app.base import BaseApplication
 
-    overrides = {k: v for k, v in {"host": host, "port": port, "workers": workers, "threads": threads}.items()
+    overrides = {k: v for k, v in {"bind_host": host, "port": port, "workers": workers, "threads": threads}.items()
                  if v is not None}
     settings = load_settings(**overrides)
     _configure_logging(settings.log_level)
@@ -45,7 +45,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     class Application(BaseApplication):
         def load_config(self) -> None:
             cfg = {
-                "bind": f"{settings.host}:{settings.port}",
+                "bind": f"{settings.bind_host}:{settings.port}",
                 "workers": settings.workers,
                 "threads": settings.threads,
                 "worker_class": "gthread",
@@ -103,6 +103,33 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
+
+
+@main.command()
+@click.option("--quick", "mode", flag_value="quick", help="fewer repetitions: under 5 minutes on 2 cores")
+@click.option("--smoke", "mode", flag_value="smoke", help="tiny sizes, for the test-suite (< 60 s)")
+@click.option("--full", "mode", flag_value="full", default=True, help="more repetitions and sizes (default)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON output [default bench/results/latest.json]")
+@click.option("--only", multiple=True, help="run only this section (repeatable): cold, warm, rle, cache, "
+              "throughput, onnx")
+def bench(mode: str, out: str | None, only: tuple[str, ...]) -> None:
+    """Benchmark (cold, warm click, RLE, cache, throughput, ONNX) as ratios; prints a table, writes JSON."""
+    from pathlib import Path
+
+    try:
+        import bench as bench_pkg  # the repository's bench/ package (not installed with the wheel)
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        import bench as bench_pkg
+    from bench.report import render
+
+    _configure_logging("WARNING")
+    unknown = set(only) - set(bench_pkg.SECTIONS)
+    if unknown:
+        raise click.BadParameter(f"unknown section(s) {sorted(unknown)}; choose from {bench_pkg.SECTIONS}")
+    result = bench_pkg.run_bench(mode, Path(out) if out else None, tuple(only) or bench_pkg.SECTIONS)
+    click.echo(render(result))
 
 
 def _child_exit(server, worker) -> None:

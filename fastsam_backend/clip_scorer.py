@@ -65,6 +65,19 @@ class ClipScorer:
     def loaded(self) -> bool:
         return self._model is not None
 
+    def available(self) -> bool:
+        """Whether loading can work, judged without loading (a file check; no network)."""
+        cfg = self.config
+        if self._model is not None:
+            return True
+        if not cfg.enabled or self._error is not None:
+            return False
+        if cfg.model.endswith(".json") and not Path(cfg.model).is_file():
+            return False
+        if Path(cfg.pretrained).suffix:
+            return Path(cfg.pretrained).is_file()
+        return cfg.allow_download or not cfg.pretrained
+
     def load(self) -> None:
         if self._model is not None:
             return

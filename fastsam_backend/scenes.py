@@ -93,7 +93,7 @@ def _regular_polygon(n: int, radius: float, angle: float) -> np.ndarray:
 def _shape_mask(rng: np.random.Generator, shape: str, size: float) -> np.ndarray:
     """Full mask of one shape whose larger extent is about ``size`` px, tightly cropped."""
     pad = 2
-    canvas = int(math.ceil(size * 1.05)) + 2 * pad + 2
+    canvas = math.ceil(size * 1.05) + 2 * pad + 2
     c = canvas / 2.0
     m = np.zeros((canvas, canvas), np.uint8)
     angle = rng.uniform(0, 2 * np.pi)
@@ -286,7 +286,9 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None) -> Scen
             continue
 
         # Colour: differ from the background under it and from every object it touches.
-        ring = cv2.dilate(m[max(y0 - 3, 0) : y0 + ch + 3, max(x0 - 3, 0) : x0 + cw + 3].astype(np.uint8), np.ones((7, 7), np.uint8))
+        ring = cv2.dilate(
+            m[max(y0 - 3, 0) : y0 + ch + 3, max(x0 - 3, 0) : x0 + cw + 3].astype(np.uint8), np.ones((7, 7), np.uint8)
+        )
         near = np.zeros((h, w), bool)
         near[max(y0 - 3, 0) : y0 + ch + 3, max(x0 - 3, 0) : x0 + cw + 3] = ring.astype(bool)
         touching = {meta[j][1] for j, vj in enumerate(visible) if (vj & near).any()}
@@ -311,7 +313,7 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None) -> Scen
         meta.append((shape, colour, rgb))
 
     img = background
-    for (shape, colour, rgb), m, box in zip(meta, full, boxes):
+    for (_shape, _colour, rgb), m, box in zip(meta, full, boxes):
         x0, y0, x1, y1 = box
         # gentle shading across the object
         a = rng.uniform(0, 2 * np.pi)

@@ -67,8 +67,8 @@ class FastSAMService:
         s = self.settings
         version = (f"{self.segmenter.identity}-i{s.imgsz}-c{s.conf:g}-u{s.iou:g}-d{s.max_det}"
                    f"-{s.point_rule.value}{'-m' if s.morphology else ''}")
-        if self.clip is not None and s.clip_enabled and s.label_mode is LabelMode.CLIP:
-            version += f"+{self.clip.identity}"
+        if self.clip is not None and s.label_mode is LabelMode.CLIP and self.clip.available():
+            version += f"+{self.clip.identity}"  # zero-shot labels depend on it
         return version
 
     def setup(self, project: str | None, hostname: str | None = None, access_token: str | None = None,

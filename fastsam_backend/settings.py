@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(64_000_000, gt=0)
 
     # --- server ------------------------------------------------------------
-    host: str = "0.0.0.0"
+    bind_host: str = Field("0.0.0.0", description="bind address (not HOST: Label Studio reads that one)")
     port: int = Field(9090, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64, description="gunicorn processes (each loads the model)")
     threads: int = Field(4, ge=1, le=256, description="threads per worker (clicks are served concurrently)")

@@ -12,7 +12,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = FIXTURES / "models"
 FASTSAM_FIXTURE = MODELS / "fastsam-shapes.pt"
 # The inference size the fixture was trained at (scripts/train_fastsam_fixture.py).
-FIXTURE_IMGSZ = 512
+FIXTURE_IMGSZ = 416
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

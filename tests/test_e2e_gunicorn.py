@@ -47,7 +47,7 @@ def redis_prefix():
 def start_server(env_overrides: dict, tmp_path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSAM_", "REDIS_", "LABEL_STUDIO"))}
-    env.update({"PORT": str(port), "HOST": "127.0.0.1", "WORKERS": "2", "THREADS": "2",
+    env.update({"PORT": str(port), "BIND_HOST": "127.0.0.1", "WORKERS": "2", "THREADS": "2",
                 "LOG_LEVEL": "INFO", "FASTSAM_ALLOW_DOWNLOAD": "false", "MODEL_DIR": str(tmp_path)})
     env.update(env_overrides)
     log = open(tmp_path / f"server-{port}.log", "wb")  # noqa: SIM115 - closed with the process
@@ -55,14 +55,18 @@ def start_server(env_overrides: dict, tmp_path) -> tuple[subprocess.Popen, str]:
                             stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                return proc, base
-        except requests.RequestException:
-            time.sleep(0.2)
-        assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()
-    raise AssertionError("server did not come up in 60 s")
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{base}/health", timeout=5).status_code == 200:
+                    return proc, base
+            except requests.RequestException:
+                time.sleep(0.2)
+            assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()
+        raise AssertionError("server did not come up in 60 s")
+    except BaseException:
+        stop_server(proc)
+        raise
 
 
 def stop_server(proc: subprocess.Popen) -> None:

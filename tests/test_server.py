@@ -13,6 +13,7 @@ from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
 from fastsam_backend.scenes import generate_scene
 from fastsam_backend.server import create_app
+from tests.conftest import FIXTURE_IMGSZ
 from tests.helpers import LABEL_CONFIG, captured, interior_point, keypoint_region, png_bytes
 
 SEED = 1_000_007
@@ -62,7 +63,7 @@ def test_health_and_setup_do_not_load_the_model(client, make_settings):
     setup = client.post("/setup", json=captured("/setup"))
     assert setup.status_code == 200
     version = setup.json["model_version"]
-    assert version.startswith(Path(make_settings().fastsam_weights).stem) and "i512" in version
+    assert version.startswith(Path(make_settings().fastsam_weights).stem) and f"i{FIXTURE_IMGSZ}" in version
     assert client.get("/").json["model_loaded"] is False
 
 
@@ -195,3 +196,41 @@ def test_model_py_backend_class(make_settings, served_scene, scene):
     assert len(response["predictions"]) == 1
     assert backend.fit("START_TRAINING", {})["trained"] is False
     assert np.isfinite(response["predictions"][0]["score"])
+
+
+def test_setup_extra_params_override_per_project(client):
+    body = captured("/setup")
+    body["extra_params"] = {"point_rule": "paper", "preannotate_max_instances": 2, "unrelated": 1}
+    assert client.post("/setup", json=body).status_code == 200
+    options = client.application.extensions["fastsam_service"].options_for(body["project"])
+    assert options.point_rule.value == "paper" and options.preannotate_max_instances == 2
+    other = client.application.extensions["fastsam_service"].options_for("999.1")
+    assert other.point_rule.value == "smallest"
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"point_rule": "largest"}, "extra_params.point_rule"),
+    ({"preannotate_max_instances": 0}, "extra_params.preannotate_max_instances"),
+    ("yes", "extra_params must be an object"),
+])
+def test_setup_rejects_bad_extra_params(client, extra, field):
+    body = captured("/setup")
+    body["extra_params"] = extra
+    response = client.post("/setup", json=body)
+    assert response.status_code == 400 and field in response.json["error"]
+
+
+def test_text_prompt_without_clip_is_a_clear_503(make_settings, served_scene):
+    base, url = served_scene
+    client = create_app(make_settings(label_studio_url=base, clip_enabled=False)).test_client()
+    body = interactive_body(url, {"type": "textarea", "from_name": "prompt", "value": {"text": ["a red circle"]}})
+    response = client.post("/predict", json=body)
+    assert response.status_code == 503 and "CLIP" in response.json["error"]
+
+
+def test_interactive_needs_a_brush_tag(client, served_scene):
+    _, url = served_scene
+    body = interactive_body(url, keypoint_region(5, 5, 320, 240))
+    body["label_config"] = '<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image"/></View>'
+    response = client.post("/predict", json=body)
+    assert response.status_code == 400 and "BrushLabels" in response.json["error"]

@@ -1,0 +1,13 @@
+"""``fastsam-backend bench`` / ``python -m bench``: how fast the backend is, as ratios.
+
+Every headline figure is a ratio against a reference measured in the same run
+(SAM ViT-B, the LS SDK's RLE encoder, raw masks, torch), printed next to the
+absolute numbers and the machine they were measured on. Sections (one module
+each): ``cold``, ``warm`` (+ ``warm_baselines``, ``warm_profile``), ``rle``,
+``cache``, ``throughput``, ``onnx``; ``runner`` runs them, ``report`` prints.
+Modes: ``smoke`` (tests, < 60 s), ``quick`` (< 5 min on 2 cores), ``full``.
+"""
+
+from .runner import DEFAULT_OUT, SECTIONS, run_bench
+
+__all__ = ["DEFAULT_OUT", "SECTIONS", "run_bench"]

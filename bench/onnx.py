@@ -1,0 +1,111 @@
+"""Section 6 — CPU acceleration: ultralytics' ONNX export run by onnxruntime vs torch.
+
+The same random-weight FastSAM-s checkpoint is exported offline
+(``YOLO(pt).export(format="onnx")``, needs ``onnx`` + ``onnxslim`` + ``onnxruntime``)
+and both are run through our ``Segmenter`` (ultralytics' AutoBackend loads either).
+Reported: the speed ratio of the everything pass and the mask agreement — each
+torch instance matched to the ONNX instance with the highest box IoU, then the
+pixel IoU of their masks (target >= 0.99 for every matched instance).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from .cold import ultralytics_speed
+from .common import Context, calibration_image, model_for, ratio, segmenter_for, stats_ms, timed
+
+IOU_TARGET = 0.99
+
+
+def _export(pt_path, workdir, imgsz: int):
+    from ultralytics import YOLO
+
+    target = workdir / "onnx" / pt_path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(pt_path, target)
+    seconds, path = timed(lambda: YOLO(str(target)).export(format="onnx", imgsz=imgsz, device="cpu", verbose=False))
+    return seconds, type(target)(path)
+
+
+def _mask_iou(a, i: int, b, j: int) -> float:
+    """Pixel IoU of mask ``i`` of ``a`` and mask ``j`` of ``b``, computed on their joint box only."""
+    x0, y0 = min(a.boxes[i, 0], b.boxes[j, 0]), min(a.boxes[i, 1], b.boxes[j, 1])
+    x1, y1 = max(a.boxes[i, 2], b.boxes[j, 2]), max(a.boxes[i, 3], b.boxes[j, 3])
+
+    def local(ms, k):
+        out = np.zeros((y1 - y0, x1 - x0), bool)
+        bx0, by0, bx1, by1 = ms.boxes[k]
+        out[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0] = ms.crops[k]
+        return out
+
+    ma, mb = local(a, i), local(b, j)
+    union = np.logical_or(ma, mb).sum()
+    return float(np.logical_and(ma, mb).sum() / union) if union else 1.0
+
+
+def _box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
+    inter = ix * iy
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return inter / np.maximum(area(box) + area(boxes) - inter, 1)
+
+
+def agreement(ref, other) -> dict[str, Any]:
+    """Per reference instance: best box match in ``other`` and the pixel IoU of the two masks."""
+    ious = []
+    for i in range(len(ref)):
+        if not len(other):
+            break
+        j = int(np.argmax(_box_ious(ref.boxes[i].astype(np.int64), other.boxes.astype(np.int64))))
+        ious.append(_mask_iou(ref, i, other, j))
+    arr = np.asarray(ious)
+    return {"torch_instances": len(ref), "onnx_instances": len(other), "matched": int(arr.size),
+            "mask_iou_min": round(float(arr.min()), 4) if arr.size else None,
+            "mask_iou_median": round(float(np.median(arr)), 4) if arr.size else None,
+            "share_iou_ge_0.99": round(float((arr >= IOU_TARGET).mean()), 4) if arr.size else None}
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    imgsz = ctx.mode.onnx_imgsz
+    if not imgsz:
+        return {"skipped": f"not run in {ctx.mode.name} mode"}
+    import onnxruntime
+
+    image = calibration_image(ctx)
+    built = model_for(ctx, "s", imgsz)
+    ctx.log(f"  onnx: exporting FastSAM-s arch at imgsz {imgsz}")
+    export_s, onnx_path = _export(built.path, ctx.workdir, imgsz)
+    results: dict[str, Any] = {}
+    masksets = {}
+    for name, weights in (("torch", built.path), ("onnxruntime", onnx_path)):
+        seg = segmenter_for(replace(built, path=weights), imgsz, device="cpu")
+        seg.load()
+        masksets[name] = seg.segment(image)  # warm-up, and the masks compared below
+        times, phases = [], {}
+        for _ in range(ctx.mode.onnx_reps):
+            times.append(timed(lambda seg=seg: seg.segment(image))[0])
+            for phase, ms in ultralytics_speed(seg).items():
+                phases.setdefault(phase, []).append(ms / 1000)
+        results[name] = {"segment": stats_ms(times), "instances": len(masksets[name]),
+                         "phases_p50_ms": {k: stats_ms(v)["p50_ms"] for k, v in phases.items()}}
+    agree = agreement(masksets["torch"], masksets["onnxruntime"])
+    speedup = ratio(results["torch"]["segment"]["p50_ms"], results["onnxruntime"]["segment"]["p50_ms"])
+    network = ratio(results["torch"]["phases_p50_ms"].get("inference", 0),
+                    results["onnxruntime"]["phases_p50_ms"].get("inference", 0))
+    met = agree["mask_iou_min"] is not None and agree["mask_iou_min"] >= IOU_TARGET
+    return {"export_s": round(export_s, 2), "onnx_file_mb": round(onnx_path.stat().st_size / 2**20, 1),
+            "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers(),
+            "imgsz": imgsz, "runs": results, "agreement": agree, "speedup_onnx_vs_torch": speedup,
+            "speedup_onnx_vs_torch_network_only": network,
+            "headline": {"name": f"ONNX Runtime vs torch, everything pass FastSAM-s@{imgsz}", "value": speedup,
+                         "unit": "x", "target": f"report; masks IoU >= {IOU_TARGET} per matched instance",
+                         "met": met, "absolute": f"torch {results['torch']['segment']['p50_ms']:.0f} ms, ORT "
+                         f"{results['onnxruntime']['segment']['p50_ms']:.0f} ms (network only: {network}x); "
+                         f"min mask IoU {agree['mask_iou_min']}"
+                         f", {agree['onnx_instances']}/{agree['torch_instances']} instances"}}

@@ -1,0 +1,86 @@
+"""The printed table: machine, headline ratios against their targets, key absolute numbers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt = lambda r: "|".join(f" {c:<{w}} " for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(header), line, *map(fmt, rows)])
+
+
+def render(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [f"fastsam-backend bench ({result['mode']}) — {result['finished']} — {result['duration_s']:.0f} s "
+             f"(of which building random-weight checkpoints {result.get('model_build_s', 0):.0f} s)",
+             f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"ultralytics {m['ultralytics']}, device {m['device']}, load avg at start {m['loadavg_at_start']}, "
+             f"at end {result.get('loadavg_at_end')}",
+             "FastSAM and SAM weights are random (timing only; speed does not depend on weight values).", ""]
+    rows = []
+    for name, section in result["sections"].items():
+        status = section.get("status")
+        if status != "ok":
+            why = section.get("error") or section.get("skipped") or ""
+            rows.append([name, status or "?", "-", "-", "-", why[:70]])
+            continue
+        head = section.get("headline")
+        if not head:
+            rows.append([name, "ok", "-", "-", "-", "(no headline figure)"])
+            continue
+        met = {True: "MET", False: "MISSED", None: "-"}[head.get("met")]
+        rows.append([name, met, f"{_fmt(head['value'])} {head['unit']}", head["target"], head["name"],
+                     head.get("absolute", "")])
+    lines.append(_table(rows, ["section", "target", "value", "target is", "figure", "absolute"]))
+    extra = _extras(result["sections"])
+    if extra:
+        lines += ["", *extra]
+    lines += ["", f"JSON: {result['out']}"]
+    return "\n".join(lines)
+
+
+def _extras(sections: dict[str, Any]) -> list[str]:
+    """A few secondary figures worth seeing without opening the JSON."""
+    out = []
+    cold = sections.get("cold", {})
+    for name, fig in cold.get("fastsam", {}).items():
+        out.append(f"cold FastSAM-{name}: total p50 {fig['total']['p50_ms']:.0f} ms (decode "
+                   f"{fig['decode']['p50_ms']:.0f} + segment {fig['segment']['p50_ms']:.0f} + encode "
+                   f"{fig['encode_entry']['p50_ms']:.0f}), {fig['instances']} instances"
+                   + (" | ultralytics split: " + ", ".join(f"{k} {v:.0f}" for k, v in fig["segment_phases"].items())
+                      if fig.get("segment_phases") else ""))
+    warm = sections.get("warm", {})
+    if "http" in warm:
+        lat = warm["http"]["latency"]
+        out.append(f"warm click over HTTP: p50 {lat['p50_ms']:.1f} / p95 {lat['p95_ms']:.1f} / p99 "
+                   f"{lat['p99_ms']:.1f} ms over {lat['n']} prompts, {warm['cached_instances']} cached masks, "
+                   f"body {warm['http']['request_body_bytes']['median'] / 1e6:.2f} MB")
+        for key, label in (("speedup_vs_nocache_fastsam", "FastSAM predictor per click (no cache)"),
+                           ("speedup_vs_sam_decoder", "SAM ViT-B decoder per click")):
+            if warm.get(key):
+                out.append(f"  {warm[key]}x faster than {label}")
+        stages = warm.get("profile", {}).get("stages")
+        if stages:
+            out.append("  in-process stages p50 (ms): " + ", ".join(
+                f"{k} {v.get('p50_ms', 0):.2f}" for k, v in stages.items()))
+    tp = sections.get("throughput", {}).get("settings", {})
+    for name, fig in tp.items():
+        out.append(f"throughput {name}: {fig['images_per_minute']} images/min, "
+                   f"peak RSS {fig['max_worker_peak_rss_mb']} MiB/worker, {fig['regions_per_image_mean']} regions")
+    redis = sections.get("cache", {}).get("redis", {})
+    if "extrapolated_1000_images_mb" in redis:
+        out.append(f"redis: {redis['memory_usage_per_image_bytes'] / 1024:.0f} KiB per cached image -> "
+                   f"~{redis['extrapolated_1000_images_mb']} MiB per 1,000 images (extrapolated from "
+                   f"{redis['sample_entries']})")
+    return out

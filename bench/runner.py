@@ -1,0 +1,76 @@
+"""Runs the sections in order, each isolated: a failure is recorded and the run goes on."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .common import MODES, Context, machine
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
+SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx")
+
+
+def _section(name: str) -> Callable[[Context], dict[str, Any]]:
+    import importlib
+
+    return importlib.import_module(f"bench.{name}").run
+
+
+def _run_one(ctx: Context, name: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    try:
+        result = _section(name)(ctx)
+        status = "skipped" if "skipped" in result else "error" if "error" in result else "ok"
+    except Exception as exc:  # recorded in the JSON; the next section still runs
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}
+        status = "error"
+    return {"status": status, "seconds": round(time.perf_counter() - started, 1), **result}
+
+
+def _prepare_threads() -> None:
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores))
+
+
+def run_bench(mode: str = "quick", out: Path | None = None, sections: tuple[str, ...] = SECTIONS,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``sections`` in ``mode`` ('smoke', 'quick', 'full'); write the JSON to ``out``; return it."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # never reach for the network (ultralytics checks/downloads)
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    out = Path(out) if out else DEFAULT_OUT
+    _prepare_threads()
+    started = time.perf_counter()
+    result: dict[str, Any] = {"schema": 1, "mode": mode, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
+                              "machine": machine(), "out": str(out), "sections": {}}
+    with tempfile.TemporaryDirectory(prefix="fastsam-bench-") as tmp:
+        ctx = Context(MODES[mode], Path(tmp), log=log)
+        ctx.shared["model_cache_dir"] = out.parent / "models"  # random checkpoints are reused between runs
+        for name in SECTIONS:
+            if name not in sections:
+                result["sections"][name] = {"status": "skipped", "skipped": "not selected"}
+                continue
+            log(f"[bench] {name} ...")
+            result["sections"][name] = _run_one(ctx, name)
+            log(f"[bench] {name}: {result['sections'][name]['status']} "
+                f"in {result['sections'][name]['seconds']} s")
+        result["model_build_s"] = round(ctx.shared.get("model_build_s", 0.0), 1)  # 0 when all were cached
+    result["duration_s"] = round(time.perf_counter() - started, 1)
+    result["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    result["finished"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    result["headlines"] = [dict(section=k, **v["headline"]) for k, v in result["sections"].items()
+                           if isinstance(v.get("headline"), dict)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    return result

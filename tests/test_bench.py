@@ -1,0 +1,50 @@
+"""The benchmark's smoke mode: every section is present in the JSON, RLE is byte-identical.
+
+No timing assertions: CI machines differ. ``python -m bench --quick`` is the real run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fastsam_backend.cli import main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx")
+BOOKKEEPING = {"status", "seconds"}
+
+
+def test_smoke_bench_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["mode"] == "smoke"
+    assert result["machine"]["cpu"] and result["machine"]["cores"] >= 1 and result["machine"]["torch"]
+    for name in SECTIONS:
+        section = result["sections"][name]
+        assert section["status"] in {"ok", "error", "skipped"}, (name, section)
+        if section["status"] == "error":
+            assert section["error"], name
+        elif section["status"] == "skipped":
+            assert section["skipped"], name
+        else:
+            assert set(section) - BOOKKEEPING, f"{name} has no figures"
+    rle = result["sections"]["rle"]
+    assert rle["status"] == "ok" and rle["byte_identical"] is True
+    assert all(m["byte_identical"] for m in rle["masks"].values())
+    assert "JSON:" in proc.stdout and "section" in proc.stdout  # the printed table
+
+
+def test_bench_command_is_registered():
+    result = CliRunner().invoke(main, ["bench", "--help"])
+    assert result.exit_code == 0
+    assert "--quick" in result.output and "--out" in result.output and "--smoke" in result.output

@@ -1,0 +1,144 @@
+"""Text prompts and zero-shot pre-annotation with the CLIP fixture (tests/fixtures/models/clip-shapes.*),
+on held-out generated scenes, through FastSAMService.predict."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from label_studio_sdk.label_interface import LabelInterface
+
+from fastsam_backend.evaluation import TEST_SEED0, data_uri, iou
+from fastsam_backend.rle import decode_rle
+from fastsam_backend.scenes import SHAPES, generate_scene
+from fastsam_backend.service import build_service
+from tests.conftest import MODELS
+
+SEEDS = [TEST_SEED0 + 200 + i for i in range(12)]
+SHAPES_CONFIG = f"""<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image">
+    {"".join(f'<Label value="{s}"/>' for s in SHAPES)}
+  </BrushLabels>
+  <PolygonLabels name="poly" toName="image">
+    {"".join(f'<Label value="{s}"/>' for s in SHAPES)}
+  </PolygonLabels>
+  <RectangleLabels name="rect" toName="image">
+    {"".join(f'<Label value="{s}"/>' for s in SHAPES)}
+  </RectangleLabels>
+  <TextArea name="prompt" toName="image"/>
+</View>"""
+TEXT_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image"><Label value="circle"/><Label value="object"/></BrushLabels>
+  <TextArea name="prompt" toName="image"/>
+</View>"""
+
+
+@pytest.fixture(scope="module")
+def service(make_settings):
+    settings = make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
+                             open_clip_pretrained=str(MODELS / "clip-shapes.pt"),
+                             label_min_similarity=-1.0)
+    return build_service(settings)
+
+
+def text_region(text: str) -> dict:
+    return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [text]}}
+
+
+def test_text_picks_the_described_object(service):
+    hits, total = 0, 0
+    for seed in SEEDS:
+        scene = generate_scene(seed)
+        h, w = scene.image.shape[:2]
+        task = {"id": seed, "data": {"image": data_uri(scene.image)}}
+        captions = Counter(o.caption for o in scene.objects)
+        for obj in scene.objects:
+            if captions[obj.caption] != 1:
+                continue  # only prompts that name exactly one object
+            (pred,) = service.predict([task], {"result": [text_region(obj.caption)]}, TEXT_CONFIG)
+            got = np.zeros((h, w), bool)
+            for region in pred["result"]:
+                got |= decode_rle(region["value"]["rle"], h, w)
+            hits += iou(got, obj.mask) >= 0.5
+            total += 1
+    assert total >= 30
+    assert hits / total >= 0.80, f"text top-1 {hits}/{total}"
+
+
+def test_text_result_label_is_the_label_named_in_the_text(service):
+    scene = generate_scene(SEEDS[0])
+    task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+    (pred,) = service.predict([task], {"result": [text_region("the red circle")]}, TEXT_CONFIG)
+    assert [r["value"]["brushlabels"] for r in pred["result"]] == [["circle"]]
+
+
+def test_pre_annotation_labels_every_instance_in_every_region_type(service):
+    interface = LabelInterface(SHAPES_CONFIG)
+    correct, matched, gt_total = 0, 0, 0
+    for seed in SEEDS[:8]:
+        scene = generate_scene(seed)
+        h, w = scene.image.shape[:2]
+        (pred,) = service.predict([{"id": seed, "data": {"image": data_uri(scene.image)}}], None, SHAPES_CONFIG)
+        errors = interface.validate_prediction({"result": pred["result"]}, return_errors=True)
+        assert errors in (True, [], None), errors
+        kinds = Counter(r["type"] for r in pred["result"])
+        assert kinds["brushlabels"] >= 1 and kinds["rectanglelabels"] == kinds["brushlabels"]
+        assert kinds["polygonlabels"] >= kinds["brushlabels"]
+        brushes = [r for r in pred["result"] if r["type"] == "brushlabels"]
+        masks = [decode_rle(r["value"]["rle"], h, w) for r in brushes]
+        for obj in scene.objects:
+            gt_total += 1
+            ious = [iou(m, obj.mask) for m in masks]
+            if ious and max(ious) >= 0.5:
+                matched += 1
+                correct += brushes[int(np.argmax(ious))]["value"]["brushlabels"] == [obj.shape]
+    assert matched >= 0.8 * gt_total
+    assert correct / matched >= 0.70, f"zero-shot shape labels {correct}/{matched}"
+
+
+def test_polygons_agree_with_the_brush_mask(service):
+    import cv2
+
+    scene = generate_scene(SEEDS[1])
+    h, w = scene.image.shape[:2]
+    (pred,) = service.predict([{"id": 1, "data": {"image": data_uri(scene.image)}}], None, SHAPES_CONFIG)
+    regions = pred["result"]
+    checked = 0
+    for i, region in enumerate(regions):
+        if region["type"] != "brushlabels":
+            continue
+        brush = decode_rle(region["value"]["rle"], h, w)
+        polys = []
+        for follower in regions[i + 1:]:
+            if follower["type"] != "polygonlabels":
+                break
+            polys.append(follower)
+        canvas = np.zeros((h, w), np.uint8)
+        for poly in polys:
+            pts = np.array(poly["value"]["points"]) * [w / 100, h / 100] - 0.5
+            cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], 1)
+        filled = brush.copy()  # polygons have no holes: compare with the brush mask, holes filled
+        contours, _ = cv2.findContours(brush.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(filled.view(np.uint8), contours, -1, 1, thickness=cv2.FILLED)
+        if brush.sum() >= 400:
+            assert iou(canvas.astype(bool), filled) >= 0.9
+            checked += 1
+    assert checked >= 3
+
+
+def test_pre_annotation_limits(service):
+    scene = generate_scene(SEEDS[2])
+    task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+    service.setup("77.1", extra_params={"preannotate_max_instances": 2})
+    (pred,) = service.predict([task], None, SHAPES_CONFIG, project="77.1")
+    assert Counter(r["type"] for r in pred["result"])["brushlabels"] == 2
+    service.setup("78.1", extra_params={"label_min_similarity": 2.0})  # nothing is that similar
+    (pred,) = service.predict([task], None, SHAPES_CONFIG, project="78.1")
+    assert pred["result"] == []
+    service.setup("79.1", extra_params={"label_min_similarity": 2.0, "default_label": "circle"})
+    (pred,) = service.predict([task], None, SHAPES_CONFIG, project="79.1")
+    assert pred["result"] and {r["value"]["brushlabels"][0] for r in pred["result"] if r["type"] == "brushlabels"} \
+        == {"circle"}
