@@ -82,7 +82,7 @@ class ClipScorer:
         if self._model is not None:
             return
         if not self.config.enabled:
-            raise ModelUnavailable("text prompts need CLIP, which is disabled (CLIP_ENABLED=false)")
+            raise ModelUnavailable("CLIP is disabled (CLIP_ENABLED=false): text prompts and zero-shot labels need it")
         with self._lock:
             if self._model is not None:
                 return

@@ -13,7 +13,9 @@ import time
 import uuid
 from typing import Any
 
+import orjson
 from flask import Flask, Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from . import metrics
@@ -28,11 +30,23 @@ TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"
 UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials
 
 
+class OrjsonProvider(DefaultJSONProvider):
+    """orjson for bodies: LS sends every task with its annotations' brush RLE (hundreds of kB),
+    and parsing them with the stdlib took most of a warm click (bench: 12 of 19 ms)."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
 def create_app(settings: Settings | None = None, service: FastSAMService | None = None) -> Flask:
     """Build the Flask app; tests pass their own settings or service."""
     settings = settings or load_settings()
     service = service or build_service(settings)
     app = Flask(__name__)
+    app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["fastsam_service"] = service
 

@@ -165,7 +165,7 @@ class FastSAMService:
 
     def _require_clip(self) -> ClipScorer:
         if self.clip is None or not self.settings.clip_enabled:
-            raise ModelUnavailable("text prompts need CLIP, which is disabled (CLIP_ENABLED=false)")
+            raise ModelUnavailable("CLIP is disabled (CLIP_ENABLED=false): text prompts and zero-shot labels need it")
         self.clip.load()
         return self.clip
 

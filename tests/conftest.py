@@ -11,8 +11,9 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = FIXTURES / "models"
 FASTSAM_FIXTURE = MODELS / "fastsam-shapes.pt"
-# The inference size the fixture was trained at (scripts/train_fastsam_fixture.py).
-FIXTURE_IMGSZ = 416
+# Inference settings for the fixture: trained at 512 (scripts/train_fastsam_fixture.py), best at 640 / conf 0.1.
+FIXTURE_IMGSZ = 640
+FIXTURE_CONF = 0.1
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -51,7 +52,7 @@ def make_settings(fastsam_weights, tmp_path_factory):
 
     def make(**overrides):
         base = dict(fastsam_weights=str(fastsam_weights), model_dir=model_dir, imgsz=FIXTURE_IMGSZ,
-                    conf=0.25, iou=0.7, allow_download=False, redis_url=None)
+                    conf=FIXTURE_CONF, iou=0.7, allow_download=False, redis_url=None)
         base.update(overrides)
         return Settings(**base)
 

@@ -13,7 +13,7 @@ from fastsam_backend.scenes import generate_scene
 from fastsam_backend.segmenter import masks_from_result
 from fastsam_backend.selection import box_ious, select_by_box, select_by_points
 from fastsam_backend.settings import PointRule
-from tests.conftest import FIXTURE_IMGSZ
+from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 from tests.helpers import interior_point, iou
 
 SEEDS = [1_000_100 + i for i in range(4)]
@@ -28,7 +28,8 @@ def runs(fastsam_weights):
     for seed in SEEDS:
         scene = generate_scene(seed)
         bgr = np.ascontiguousarray(scene.image[:, :, ::-1])
-        result = model.predict(bgr, retina_masks=True, imgsz=FIXTURE_IMGSZ, conf=0.25, iou=0.7, verbose=False)[0]
+        result = model.predict(bgr, retina_masks=True, imgsz=FIXTURE_IMGSZ, conf=FIXTURE_CONF, iou=0.7,
+                               verbose=False)[0]
         out.append((scene, result, model.predictor))
     return out
 

@@ -18,7 +18,7 @@ import requests
 from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
 from fastsam_backend.scenes import generate_scene
-from tests.conftest import FIXTURE_IMGSZ
+from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 from tests.helpers import captured, interior_point, keypoint_region, png_bytes
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_captured_ls_session_against_gunicorn(fastsam_weights, image_server, red
     (root / "data" / "upload" / "1").mkdir(parents=True, exist_ok=True)
     (root / "data" / "upload" / "1" / "fa0fbf60-a.png").write_bytes(png_bytes(scene.image))
     proc, base = start_server({
-        "FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": "0.25", "IOU": "0.7",
+        "FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF), "IOU": "0.7",
         "REDIS_URL": REDIS_URL, "CACHE_PREFIX": redis_prefix, "LABEL_STUDIO_URL": ls_base,
         "LABEL_STUDIO_API_KEY": "f" * 40,
     }, tmp_path)

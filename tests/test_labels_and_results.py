@@ -13,7 +13,8 @@ from tests.helpers import LABEL_CONFIG, iou
 
 FULL_CONFIG = """<View>
   <Image name="img" value="$photo"/>
-  <BrushLabels name="brush" toName="img"><Label value="Cat" predicted_values="kitten,kitty"/><Label value="Dog"/></BrushLabels>
+  <BrushLabels name="brush" toName="img">
+    <Label value="Cat" predicted_values="kitten,kitty"/><Label value="Dog"/></BrushLabels>
   <PolygonLabels name="poly" toName="img"><Label value="Cat"/></PolygonLabels>
   <RectangleLabels name="rect" toName="img"><Label value="Dog"/></RectangleLabels>
   <RectangleLabels name="prompt_box" toName="img" smart="true"><Label value="Cat"/></RectangleLabels>
