@@ -20,7 +20,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(VENV)/bin/fastsam-backend bench
+	$(VENV)/bin/fastsam-backend bench $(BENCH_ARGS)
 
 quality: $(STAMP)
 	$(VENV)/bin/fastsam-backend quality

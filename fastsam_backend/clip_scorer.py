@@ -40,6 +40,19 @@ class ClipConfig:
                    settings.clip_enabled, settings.clip_min_mask_area, settings.allow_download)
 
 
+def whitened_square_crop(image: np.ndarray, masks: MaskSet, i: int) -> np.ndarray:
+    """Mask ``i``'s box cut from ``image`` (``(H, W, 3)`` uint8), pixels outside the mask white,
+    padded with white to a square (CLIP's centre crop would otherwise cut elongated objects)."""
+    x0, y0, x1, y1 = (int(v) for v in masks.boxes[i])
+    h, w = y1 - y0, x1 - x0
+    side = max(h, w)
+    out = np.full((side, side, 3), 255, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    region = out[top : top + h, left : left + w]
+    region[masks.crops[i]] = image[y0:y1, x0:x1][masks.crops[i]]
+    return out
+
+
 class ClipScorer:
     """Thread-safe lazy wrapper; ``identity`` names the model without loading it."""
 
@@ -141,12 +154,7 @@ class ClipScorer:
 
         areas = masks.areas
         keep = np.flatnonzero(areas > self.config.min_mask_area)
-        crops = []
-        for i in keep:
-            x0, y0, x1, y1 = masks.boxes[i]
-            crop = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
-            crop[masks.crops[i]] = image[y0:y1, x0:x1][masks.crops[i]]
-            crops.append(self._preprocess(Image.fromarray(crop)))
+        crops = [self._preprocess(Image.fromarray(whitened_square_crop(image, masks, int(i)))) for i in keep]
         dim = self._embed_dim()
         out = np.zeros((len(masks), dim), dtype=np.float16)
         with self._infer_lock, torch.inference_mode():

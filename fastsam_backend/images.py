@@ -30,6 +30,7 @@ import json
 import logging
 import posixpath
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -360,7 +361,7 @@ class ImageLoader:
 def _decode(fetched: _Fetched, max_pixels: int) -> np.ndarray:
     """Bytes -> ``(H, W, 3)`` uint8 RGB, EXIF orientation applied; pixel count checked before decoding."""
     try:
-        with Image.open(io.BytesIO(fetched.data)) as image:
+        with _pillow_open()(io.BytesIO(fetched.data)) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(f"image from {fetched.source} is {width}x{height}, over the limit of "
@@ -382,6 +383,15 @@ def _decode(fetched: _Fetched, max_pixels: int) -> np.ndarray:
         cause = f"{type(exc).__name__}: {exc}"
     log.warning("could not decode image from %s (%d bytes): %s", fetched.source, len(fetched.data), cause)
     raise ImageError(f"could not decode image from {fetched.source}: {cause}")
+
+
+def _pillow_open():
+    """Pillow's own ``Image.open``. Importing ultralytics replaces it process-wide with a wrapper
+    that, on bytes Pillow cannot identify, tries to pip-install pi-heif: never on our request path."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and Image.open is getattr(patches, "image_open", None):
+        return getattr(patches, "_image_open", Image.open)
+    return Image.open
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -151,6 +152,10 @@ class Segmenter:
                 raise
 
     def _load_model(self) -> Any:
+        # A server must not pip-install packages or phone home at run time (ultralytics does both
+        # by default); set before its first import. Downloads of released weights still work.
+        os.environ.setdefault("YOLO_AUTOINSTALL", "false")
+        os.environ.setdefault("YOLO_OFFLINE", "false" if self.config.allow_download else "true")
         from ultralytics import FastSAM
 
         cfg = self.config

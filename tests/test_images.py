@@ -488,3 +488,12 @@ def test_config_from_settings(tmp_path):
     )
     config = ImageSourceConfig.from_settings(settings)
     assert config == ImageSourceConfig("http://127.0.0.1:1", LEGACY_KEY, tmp_path, False, 3.0, 10, 20)
+
+
+def test_ultralytics_pil_patch_does_not_reach_decoding():
+    """Importing ultralytics (as loading the model does) swaps PIL.Image.open for a wrapper that
+    tries to pip-install pi-heif on unknown bytes; our decoding must not go through it."""
+    import ultralytics.utils.patches  # noqa: F401
+
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        ImageLoader(ImageSourceConfig()).load("data:text/plain;base64,aGVsbG8gd29ybGQ=")

@@ -134,3 +134,18 @@ def test_ring_polygon_is_its_outline():
     ring = (r2 < 40**2) & (r2 >= 20**2)
     (poly,) = mask_polygons(ring)
     assert len(poly) >= 8  # simplified, but still round
+
+
+def test_whitened_square_crop():
+    from fastsam_backend.clip_scorer import whitened_square_crop
+    from fastsam_backend.masks import MaskSet
+
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[:] = (10, 20, 30)
+    mask = np.zeros((20, 30), bool)
+    mask[5:9, 2:14] = True
+    mask[5, 2] = False
+    crop = whitened_square_crop(image, MaskSet.from_dense(mask[None], np.ones(1)), 0)
+    assert crop.shape == (12, 12, 3)
+    assert (crop[4:8][mask[5:9, 2:14]] == (10, 20, 30)).all()  # the object, centred
+    assert (crop[:4] == 255).all() and (crop[4, 0] == 255).all()  # padding and the hole are white
