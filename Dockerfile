@@ -7,7 +7,7 @@ FROM ${BASE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PORT=9090 WORKERS=1 THREADS=4 MODEL_DIR=/models FASTSAM_WEIGHTS=FastSAM-s.pt \
-    YOLO_CONFIG_DIR=/tmp/ultralytics
+    YOLO_CONFIG_DIR=/tmp/ultralytics YOLO_AUTOINSTALL=false
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libglib2.0-0 libgl1 curl \
