@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from fastsam_backend.evaluation import iou  # noqa: F401 - re-exported for the tests
+
 FIXTURES = Path(__file__).parent / "fixtures"
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -64,7 +66,3 @@ def box_region(x0: int, y0: int, x1: int, y1: int, width: int, height: int, labe
             "value": {"x": 100.0 * x0 / width, "y": 100.0 * y0 / height, "width": 100.0 * (x1 - x0) / width,
                       "height": 100.0 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": [label]}}
 
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
