@@ -103,14 +103,13 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     max_request_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
-    @field_validator("redis_url", "label_studio_url", "basic_auth_user", "default_label", mode="before")
+    @field_validator(
+        "redis_url", "label_studio_url", "basic_auth_user", "default_label", "local_files_document_root",
+        "label_studio_api_key", "basic_auth_pass", mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
-        return None if value == "" else value
-
-    @field_validator("local_files_document_root", "label_studio_api_key", "basic_auth_pass", mode="before")
-    @classmethod
-    def _empty_path_is_none(cls, value: object) -> object:
+        """``VAR=`` in an env file means unset (compose passes empty strings for missing vars)."""
         return None if value == "" else value
 
     def inference_params(self) -> dict[str, object]:

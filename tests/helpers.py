@@ -6,11 +6,13 @@ import io
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
-from fastsam_backend.evaluation import iou  # noqa: F401 - re-exported for the tests
+from fastsam_backend.evaluation import (
+    click_points,
+    iou,  # noqa: F401 - re-exported for the tests
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LABEL_CONFIG = """<View>
@@ -46,9 +48,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def interior_point(mask: np.ndarray) -> tuple[int, int]:
     """The pixel of ``mask`` farthest from its border, ``(x, y)``."""
-    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return int(x), int(y)
+    return click_points(mask, np.random.default_rng(0), 0)[0]
 
 
 def keypoint_region(x: int, y: int, width: int, height: int, positive: bool = True,
