@@ -144,6 +144,18 @@ class MaskSet:
             out[i] = int(crop.sum())
         return out
 
+    def iou(self, i: int, j: int) -> float:
+        """Pixel IoU of masks ``i`` and ``j`` (only their boxes' overlap is looked at)."""
+        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = self.boxes[i].tolist(), self.boxes[j].tolist()
+        x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+        inter = 0
+        if x0 < x1 and y0 < y1:
+            a = self.crops[i][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
+            b = self.crops[j][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+            inter = int(np.count_nonzero(a & b))
+        union = int(self.areas[i]) + int(self.areas[j]) - inter
+        return inter / union if union else 0.0
+
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.crops) + self.boxes.nbytes + self.scores.nbytes

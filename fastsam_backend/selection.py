@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 SPECK_FRACTION = 0.01
 HOLE_FRACTION = 0.01
 MIN_MORPH_PIXELS = 16
+# The smallest-mask rule also takes covering masks this similar to its pick: the same object found twice.
+DUPLICATE_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -50,20 +52,31 @@ def _smallest(candidates: np.ndarray, areas: np.ndarray) -> int | None:
 
 
 def _indices_smallest(masks: MaskSet, inside: np.ndarray, positive: np.ndarray) -> list[int]:
-    """Per foreground click, the smallest mask covering it that covers no background click.
+    """Per foreground click, the smallest mask covering it that covers no background click,
+    plus the other covering masks that duplicate it (IoU >= ``DUPLICATE_IOU``).
 
     Avoids the paper rule's failure: a click on an object also lies inside the
-    background/scene masks around it, and their union swallows the object.
+    background/scene masks around it, and their union swallows the object. Those
+    masks are much larger than the object (low IoU with it); a second detection of
+    the same object that NMS kept (a part, or the object with its shadow) is not,
+    and adding it recovers what the smaller one missed.
     """
     areas = masks.areas
     covers_negative = inside[~positive].any(axis=0)
     chosen: list[int] = []
     for k in np.flatnonzero(positive):
-        best = _smallest(inside[k] & ~covers_negative, areas)
+        allowed = inside[k] & ~covers_negative
+        best = _smallest(allowed, areas)
         if best is None:  # every covering mask also covers a negative click: take the smallest anyway
-            best = _smallest(inside[k], areas)
-        if best is not None and best not in chosen:
-            chosen.append(best)
+            allowed = inside[k]
+            best = _smallest(allowed, areas)
+        if best is None:
+            continue
+        # IoU(best, n) <= area(best) / area(n): only masks up to 1 / DUPLICATE_IOU times larger can qualify
+        near = allowed & (areas * DUPLICATE_IOU <= areas[best])
+        picked = [best] + [int(n) for n in np.flatnonzero(near)
+                           if n != best and masks.iou(best, int(n)) >= DUPLICATE_IOU]
+        chosen += [n for n in picked if n not in chosen]
     return chosen
 
 
@@ -83,44 +96,64 @@ def _paint_casia(masks: MaskSet, inside: np.ndarray, positive: np.ndarray) -> tu
     return out, used
 
 
-def smooth_mask(mask: np.ndarray, keep_points: np.ndarray | None = None) -> np.ndarray:
+def smooth_mask(mask: np.ndarray, keep_points: np.ndarray | None = None,
+                box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Remove specks and fill small holes, both sized to the mask's area.
 
     A component containing one of ``keep_points`` (``(K, 2)`` x, y) is never removed.
-    Works on the mask's bounding box only, so cost follows object size, not image size.
+    Works on the mask's bounding box only, so cost follows object size, not image size;
+    ``box`` (``x0, y0, x1, y1``, exclusive end), when the caller knows one that holds the
+    whole mask, saves scanning the image for it.
     """
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return mask
-    cols = np.flatnonzero(mask.any(axis=0))
-    y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, mask.shape[0])
-    x0, x1 = max(cols[0] - 1, 0), min(cols[-1] + 2, mask.shape[1])
+    if box is None:
+        rows = np.flatnonzero(mask.any(axis=1))
+        if rows.size == 0:
+            return mask
+        cols = np.flatnonzero(mask.any(axis=0))
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    y0, y1 = max(box[1] - 1, 0), min(box[3] + 1, mask.shape[0])
+    x0, x1 = max(box[0] - 1, 0), min(box[2] + 1, mask.shape[1])
     crop = mask[y0:y1, x0:x1]
-    area = int(crop.sum())
+    area = int(np.count_nonzero(crop))
+    if area == 0:
+        return mask
     speck = max(MIN_MORPH_PIXELS, int(SPECK_FRACTION * area))
     hole = max(MIN_MORPH_PIXELS, int(HOLE_FRACTION * area))
+    changed = False
 
-    _n, labels, stats, _ = cv2.connectedComponentsWithStats(crop.astype(np.uint8), connectivity=8)
+    crop_u8 = crop.view(np.uint8)
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(crop_u8, connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= speck
     keep[0] = False
     if keep_points is not None:
         for x, y in _as_points(keep_points):
             if y0 <= y < y1 and x0 <= x < x1 and (label := labels[y - y0, x - x0]) != 0:
                 keep[label] = True
-    cleaned = keep[labels]
+    if keep[1:].all():  # the common case, one solid object: no pixel to touch
+        cleaned = crop
+    else:
+        cleaned, changed = keep[labels], True
 
     # Holes: background components that do not touch the crop border (the crop has
     # a 1 px margin wherever the image allows, so outside background touches it).
-    _nb, blabels, bstats, _ = cv2.connectedComponentsWithStats((~cleaned).astype(np.uint8), connectivity=4)
+    _nb, blabels, bstats, _ = cv2.connectedComponentsWithStats(1 - cleaned.view(np.uint8), connectivity=4)
     border = np.unique(np.concatenate([blabels[0], blabels[-1], blabels[:, 0], blabels[:, -1]]))
     fill = bstats[:, cv2.CC_STAT_AREA] < hole
     fill[0] = False
     fill[border] = False
-    cleaned |= fill[blabels]
+    if fill.any():
+        cleaned, changed = cleaned | fill[blabels], True
 
+    if not changed:
+        return mask
     out = mask.copy()
     out[y0:y1, x0:x1] = cleaned
     return out
+
+
+def _union_box(masks: MaskSet, used: list[int]) -> tuple[int, int, int, int]:
+    b = masks.boxes[used]
+    return int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())
 
 
 def select_by_points(
@@ -166,10 +199,10 @@ def select_by_points(
             x, y = points[k]
             if merged[y, x] and (cut := _smallest(inside[k] & ~holds_positive, masks.areas)) is not None:
                 merged &= ~masks.mask(cut)
-    if not merged.any():
+    if not used or not merged.any():
         return None
     if morphology:
-        merged = smooth_mask(merged, keep_points=points[positive])
+        merged = smooth_mask(merged, keep_points=points[positive], box=_union_box(masks, used))
     score = float(masks.scores[used].mean()) if used else 0.0
     return Selection(merged, score, tuple(int(i) for i in used))
 
@@ -225,7 +258,7 @@ def select_by_box(
             clip[y0:y1, x0:x1] = True
             mask &= clip
             if morphology and mask.any():
-                mask = smooth_mask(mask, keep_points=pts[pos])
+                mask = smooth_mask(mask, keep_points=pts[pos], box=_union_box(masks, used))
     if not mask.any():
         return None
     return Selection(mask, float(masks.scores[best]), tuple(used))

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class PointRule(str, Enum):
     """How foreground/background clicks pick masks (see ``selection.select_by_points``)."""
 
-    SMALLEST = "smallest"  # per foreground click, the smallest mask covering it (default)
+    SMALLEST = "smallest"  # per foreground click, the smallest mask covering it + its duplicates (default)
     PAPER = "paper"  # union of every mask containing a foreground click, minus background ones
     CASIA = "casia"  # CASIA repo: area-ordered painting, smaller masks override larger ones
 

@@ -56,6 +56,20 @@ def test_box_intersections_match_dense_computation():
         assert ms.box_intersections(box).tolist() == expected.tolist()
 
 
+def test_pairwise_iou_matches_dense_computation():
+    rng = np.random.default_rng(1)
+    masks = np.zeros((5, 20, 30), bool)
+    boxes = [(0, 0, 30, 20), (5, 3, 17, 11), (10, 8, 25, 19), (26, 0, 30, 4), (5, 3, 17, 11)]
+    for m, (x0, y0, x1, y1) in zip(masks, boxes):
+        m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > 0.3
+    ms = MaskSet.from_dense(masks, np.ones(5))
+    for i in range(5):
+        for j in range(5):
+            union = (masks[i] | masks[j]).sum()
+            assert ms.iou(i, j) == pytest.approx((masks[i] & masks[j]).sum() / union)
+    assert ms.iou(1, 3) == 0.0  # boxes do not overlap
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

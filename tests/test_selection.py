@@ -50,6 +50,17 @@ def test_point_rules(rule, pts, pos, expected):
     np.testing.assert_array_equal(sel.mask, expected)
 
 
+def test_smallest_rule_adds_a_second_detection_of_the_same_object_but_not_its_surroundings():
+    cup_left, cup_right = rect(10, 10, 17, 20), rect(12, 10, 20, 20)  # two overlapping halves, IoU 0.5
+    masks = MaskSet.from_dense(np.stack([BACKGROUND, TABLE, cup_left, cup_right]), np.array([0.5, 0.8, 0.9, 0.9]))
+    sel = select_by_points(masks, points((14, 15)), np.array([True]), morphology=False)
+    np.testing.assert_array_equal(sel.mask, cup_left | cup_right)
+    assert sorted(sel.indices) == [2, 3]
+    # a duplicate that holds the background click is not added
+    sel = select_by_points(masks, points((14, 15), (18, 15)), np.array([True, False]), morphology=False)
+    np.testing.assert_array_equal(sel.mask, cup_left)
+
+
 def test_casia_negative_inside_a_positive_mask_erases_it():
     # the reference paints the table with 1 then 0 (both clicks lie on it): nothing is left
     sel = select_by_points(SCENE, points((25, 25), (15, 15)), np.array([True, False]), rule=PointRule.CASIA)
