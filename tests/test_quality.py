@@ -2,10 +2,9 @@
 measured through the request path with the trained FastSAM fixture. `fastsam-backend quality`
 prints the full table (README).
 
-The floors are what the shipped fixture measures (minus a small margin), not the issue's
-targets (0.85 / 0.90 / 0.80 / 0.90): about 75 minutes of CPU training do not reach them; the
-gap is mostly instances the small model misses (IoU 0) and mask edges limited by its
-1/4-resolution prototypes. Retraining longer (scripts/train_fastsam_fixture.py) raises them."""
+The floors are issue #4's targets. The shipped fixture measures 0.916 / 0.920 / 0.930 / 0.966 on
+these 16 scenes (0.911 / 0.912 / 0.933 / 0.964 on 96); a regression in prompt parsing,
+selection, caching or encoding that costs a few points of IoU fails here."""
 
 from __future__ import annotations
 
@@ -21,7 +20,9 @@ SCENES = 16
 @pytest.fixture(scope="module")
 def report(make_settings):
     service = build_service(make_settings(clip_enabled=False))
-    return evaluate(service, held_out_seeds(SCENES)).summary()
+    summary = evaluate(service, held_out_seeds(SCENES)).summary()
+    print(summary)
+    return summary
 
 
 def test_enough_objects_were_measured(report):
@@ -29,26 +30,27 @@ def test_enough_objects_were_measured(report):
 
 
 def test_one_positive_click_per_object(report):
-    assert report["point_miou"] >= 0.75  # measured 0.772
+    assert report["point_miou"] >= 0.85
 
 
 def test_box_prompt_equal_to_the_ground_truth_box(report):
-    assert report["box_miou"] >= 0.77  # measured 0.792
+    assert report["box_miou"] >= 0.90
 
 
 def test_positive_and_negative_clicks_separate_overlapping_objects(report):
-    assert report["pos_neg_miou"] >= 0.63  # measured 0.660
+    assert report["pos_neg_miou"] >= 0.80
 
 
 def test_everything_mode_recall(report):
-    assert report["everything_recall50"] >= 0.87  # measured 0.898
+    assert report["everything_recall50"] >= 0.90
 
 
-def test_default_point_rule_beats_the_papers(make_settings):
-    """The reason SMALLEST is the default: the paper's union swallows objects into their surroundings."""
-    seeds = held_out_seeds(6, offset=50)
-    scores = {}
-    for rule in (PointRule.SMALLEST, PointRule.PAPER):
-        service = build_service(make_settings(clip_enabled=False, point_rule=rule))
-        scores[rule] = evaluate(service, seeds, everything=False).summary()["point_miou"]
-    assert scores[PointRule.SMALLEST] > scores[PointRule.PAPER]
+def test_default_point_rule_is_at_least_as_good_as_the_papers(make_settings, report):
+    """On these scenes few masks nest (the failure the default avoids is in test_selection); what
+    remains is that the default must not lose to the paper's rule on the suite."""
+    service = build_service(make_settings(clip_enabled=False, point_rule=PointRule.PAPER))
+    paper = evaluate(service, held_out_seeds(SCENES), everything=False).summary()
+    print(f"smallest {report['point_miou']:.4f} / {report['pos_neg_miou']:.4f}, "
+          f"paper {paper['point_miou']:.4f} / {paper['pos_neg_miou']:.4f}")
+    assert report["point_miou"] >= paper["point_miou"]
+    assert report["pos_neg_miou"] >= paper["pos_neg_miou"]
