@@ -2,8 +2,8 @@
 
 Three views of the same prompts and bodies as the HTTP run:
 
-* ``stages``: each step timed on its own, without a profiler — JSON parse of the
-  request body, the cache lookup (``masks_for``), selection (+ morphology), RLE
+* ``stages``: each step timed on its own, without a profiler — parse of the
+  request body (the server's typed msgspec decoder), the cache lookup (``masks_for``), selection (+ morphology), RLE
   encoding of the answer, JSON encoding of the response;
 * ``test_client``: the whole Flask request, without a profiler (compared with the
   HTTP figure it gives the cost of gunicorn + the socket + the client);
@@ -29,8 +29,7 @@ from .servers import static_server
 # (label, path suffix of the defining file, function name): cumulative ms per request
 CATEGORIES = (
     ("whole request (Flask wsgi_app)", "flask/app.py", "wsgi_app"),
-    ("request JSON parse (get_json)", "/wrappers/request.py", "get_json"),
-    ("request JSON parse (flask get_json)", "flask/wrappers.py", "get_json"),
+    ("request body parse (_predict_body)", "fastsam_backend/server.py", "_predict_body"),
     ("label config parse", "fastsam_backend/labelconfig.py", "parse_label_config"),
     ("context parse", "fastsam_backend/prompts.py", "parse_context"),
     ("cache lookup + decode (masks_for)", "fastsam_backend/service.py", "masks_for"),
@@ -60,17 +59,18 @@ def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
     from fastsam_backend.prompts import parse_context
     from fastsam_backend.rle import encode_rle
     from fastsam_backend.selection import select_by_box, select_by_points, smooth_mask
+    from fastsam_backend.server import _PREDICT_DECODER
 
     rule, morphology = service.settings.point_rule, service.settings.morphology
     parse, lookup, select, morph, rle, dump = [], [], [], [], [], []
     for body in bodies:
-        t, data = timed(lambda body=body: json.loads(body))
+        t, data = timed(lambda body=body: _PREDICT_DECODER.decode(body))  # as the server parses it
         parse.append(t)
-        t, found = timed(lambda data=data: service.masks_for(data["tasks"][0]["data"]["image"]))
+        t, found = timed(lambda data=data: service.masks_for(data.tasks[0].data["image"]))
         lookup.append(t)
         masks = getattr(found, "masks", found)  # ImageMasks (or a bare MaskSet)
         h, w = masks.image_size
-        prompts = parse_context(data["params"]["context"])
+        prompts = parse_context(data.params["context"])
         points = np.array([p.in_pixels(w, h) for p in prompts.points], dtype=np.int64).reshape(-1, 2)
         positive = np.ones(len(points), dtype=bool)
         if prompts.boxes:
@@ -108,6 +108,10 @@ def _json_parsers(body: bytes, reps: int = 5) -> dict[str, Any]:
             continue
         loads = module.decode if name == "msgspec.json" else module.loads
         out[name] = stats_ms([timed(lambda loads=loads: loads(body))[0] for _ in range(reps)])
+    from fastsam_backend.server import _PREDICT_DECODER
+
+    out["msgspec.json, typed (the server's: skips task annotations)"] = stats_ms(
+        [timed(lambda: _PREDICT_DECODER.decode(body))[0] for _ in range(reps)])
     data = json.loads(body)
     for task in data["tasks"]:
         task["annotations"], task["predictions"] = [], []

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 import orjson
 from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
@@ -39,6 +40,25 @@ class OrjsonProvider(DefaultJSONProvider):
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+
+class TaskBody(msgspec.Struct):
+    """A task as /predict reads it. LS sends each task with its annotations and predictions
+    (often hundreds of kB of brush RLE); the decoder skips those without building Python
+    objects, which was most of a warm click's parse time (bench: 2.8 of ~12 ms with orjson)."""
+
+    id: Any = None
+    data: Any = None
+
+
+class PredictBody(msgspec.Struct):
+    tasks: list[TaskBody] | None = None
+    params: Any = None
+    label_config: Any = None
+    project: Any = None
+
+
+_PREDICT_DECODER = msgspec.json.Decoder(PredictBody)
 
 
 def create_app(settings: Settings | None = None, service: FastSAMService | None = None) -> Flask:
@@ -105,26 +125,26 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     def setup() -> Response:
         body = _json_body()
         version = service.setup(
-            project=_optional_str(body, "project"),
-            hostname=_optional_str(body, "hostname"),
-            access_token=_optional_str(body, "access_token"),
+            project=_optional_str(body.get("project"), "project"),
+            hostname=_optional_str(body.get("hostname"), "hostname"),
+            access_token=_optional_str(body.get("access_token"), "access_token"),
             extra_params=body.get("extra_params"),
-            schema=_optional_str(body, "schema"),
+            schema=_optional_str(body.get("schema"), "schema"),
         )
         return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict() -> Response:
-        body = _json_body()
-        params = body.get("params") or {}
+        body = _predict_body()
+        params = body.params or {}
         if not isinstance(params, dict):
             raise BadRequest("params must be an object")
-        project = _optional_str(body, "project")
+        tasks = None if body.tasks is None else [{"id": t.id, "data": t.data} for t in body.tasks]
         results = service.predict(
-            tasks=body.get("tasks"),
+            tasks=tasks,
             context=params.get("context"),
-            label_config=body.get("label_config"),
-            project=project,
+            label_config=body.label_config,
+            project=_optional_str(body.project, "project"),
         )
         return jsonify({"results": results})
 
@@ -148,15 +168,31 @@ def _error(message: str, status: int) -> tuple[Response, int]:
     return jsonify({"error": message, "status": status, "request_id": g.get("request_id")}), status
 
 
+_NOT_A_JSON_OBJECT = "request body must be a JSON object (Content-Type: application/json)"
+
+
 def _json_body() -> dict[str, Any]:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object (Content-Type: application/json)")
+        raise BadRequest(_NOT_A_JSON_OBJECT)
     return body
 
 
-def _optional_str(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
+def _predict_body() -> PredictBody:
+    if not request.is_json:
+        raise BadRequest(_NOT_A_JSON_OBJECT)
+    data = request.get_data(cache=False)
+    try:
+        return _PREDICT_DECODER.decode(data)
+    except msgspec.ValidationError as exc:  # names the field: "Expected `array`, got `str` - at `$.tasks`"
+        if data.lstrip()[:1] != b"{":
+            raise BadRequest(_NOT_A_JSON_OBJECT) from None
+        raise BadRequest(f"invalid /predict body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"{_NOT_A_JSON_OBJECT}: {exc}") from None
+
+
+def _optional_str(value: Any, key: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):

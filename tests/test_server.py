@@ -111,6 +111,10 @@ def test_batch_gives_exactly_one_result_per_task(client, served_scene):
     [
         (b"not json", 400, "JSON object"),
         ({"tasks": []}, 400, "tasks must be a non-empty list"),
+        ({"tasks": "x.png"}, 400, r"\$\.tasks"),
+        ({"tasks": [1]}, 400, r"\$\.tasks\[0\]"),
+        ([{"data": {}}], 400, "JSON object"),
+        (b'{"tasks": [', 400, "JSON object"),
         ({"tasks": [{"data": {}}], "label_config": LABEL_CONFIG}, 400, r"tasks\[0\].data.image"),
         ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": "<View"}, 400, "not valid XML"),
         ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": LABEL_CONFIG,
@@ -127,6 +131,27 @@ def test_bad_input_gives_a_json_4xx_and_the_server_keeps_serving(client, body, s
     assert re.search(message, response.json["error"]), response.json
     assert response.json["request_id"]
     assert client.get("/health").status_code == 200
+
+
+def test_predict_reads_tasks_without_their_annotations(client, monkeypatch):
+    service = client.application.extensions["fastsam_service"]
+    seen = {}
+
+    def predict(tasks, context, label_config, project=None):
+        seen["tasks"] = tasks
+        return [{"result": [], "score": 0.0, "model_version": "v"}]
+
+    monkeypatch.setattr(service, "predict", predict)
+    task = {"id": 7, "data": {"image": "/x.png"}, "annotations": [{"result": [{"value": {"rle": [1] * 1000}}]}],
+            "predictions": [{"result": []}], "meta": {"a": 1}}
+    response = client.post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG})
+    assert response.status_code == 200
+    assert seen["tasks"] == [{"id": 7, "data": {"image": "/x.png"}}]
+
+
+def test_predict_needs_a_json_content_type(client):
+    response = client.post("/predict", data=b'{"tasks": []}', content_type="text/plain")
+    assert response.status_code == 400 and "Content-Type" in response.json["error"]
 
 
 def test_errors_never_carry_the_token(client, caplog):
