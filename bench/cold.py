@@ -76,20 +76,22 @@ def _sam(ctx: Context, reps: int, png: bytes) -> dict[str, Any]:
         if device == "cuda":
             torch.cuda.synchronize()  # the embedding stays on the GPU: wait for it, as FastSAM's masks are fetched
 
-    times = []
+    times, totals = [], []
     with torch.inference_mode():
         if device == "cuda":
             set_image()  # cuDNN/allocator warm-up, as FastSAM's first call is kept out of its figures
         for _ in range(reps):
+            t_dec, _ = timed(lambda: decode_png(png))  # a SAM backend decodes the image too
             t, _ = timed(set_image)
             times.append(t)
+            totals.append(t_dec + t)
     ctx.shared["sam_predictor"] = predictor
     ctx.shared["sam_image_shape"] = image.shape[:2]
     return {"model": "SAM ViT-B (segment-anything 1.0, random weights)", "device": device,
             "build_s": round(build_s, 3),
             "params_m": round(sum(p.numel() for p in sam.parameters()) / 1e6, 2),
             "input": f"{image.shape[1]}x{image.shape[0]} image, longest side resized to 1024",
-            "set_image": stats_ms(times)}
+            "set_image": stats_ms(times), "decode_plus_set_image": stats_ms(totals)}
 
 
 def run(ctx: Context) -> dict[str, Any]:
@@ -115,14 +117,16 @@ def run(ctx: Context) -> dict[str, Any]:
     else:
         out["sam_vit_b"] = {"skipped": f"not run in {ctx.mode.name} mode"}
     fast = out["fastsam"].get("s@1024")
-    sam = out["sam_vit_b"].get("set_image") if isinstance(out.get("sam_vit_b"), dict) else None
-    if fast and sam:
-        speedup = ratio(sam["p50_ms"], fast["total"]["p50_ms"])
+    sam_out = out["sam_vit_b"] if isinstance(out.get("sam_vit_b"), dict) else {}
+    sam, sam_total = sam_out.get("set_image"), sam_out.get("decode_plus_set_image")
+    if fast and sam and sam_total:
+        speedup = ratio(sam_total["p50_ms"], fast["total"]["p50_ms"])  # both from the PNG bytes
         network = ratio(sam["p50_ms"], fast.get("segment_phases", {}).get("inference", 0))
         out["speedup_network_only"] = network  # SAM encoder vs FastSAM's network pass alone (no mask postprocess)
-        out["headline"] = {"name": "cold: SAM ViT-B encoder / FastSAM-s@1024 (decode+segment+encode)",
+        out["headline"] = {"name": "cold: decode+SAM ViT-B encoder / FastSAM-s@1024 decode+segment+encode",
                            "value": speedup, "unit": "x", "target": f">= {SPEEDUP_TARGET:g}x",
                            "met": speedup is not None and speedup >= SPEEDUP_TARGET,
-                           "absolute": f"SAM {sam['p50_ms']:.0f} ms vs FastSAM-s {fast['total']['p50_ms']:.0f} ms; "
-                                       f"vs its network pass alone: {network}x"}
+                           "absolute": f"SAM {sam_total['p50_ms']:.0f} ms vs FastSAM-s "
+                                       f"{fast['total']['p50_ms']:.0f} ms; SAM encoder vs FastSAM's network "
+                                       f"pass alone: {network}x"}
     return out

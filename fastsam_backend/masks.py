@@ -95,7 +95,7 @@ class MaskSet:
     @cached_property
     def areas(self) -> np.ndarray:
         """``(N,)`` int64 pixel count of each mask."""
-        return np.array([int(c.sum()) for c in self.crops], dtype=np.int64)
+        return np.array([np.count_nonzero(c) for c in self.crops], dtype=np.int64)
 
     def mask(self, i: int) -> np.ndarray:
         """Mask ``i`` as an ``(H, W)`` bool array at original resolution."""
@@ -127,21 +127,30 @@ class MaskSet:
             hits[i] = self.crops[i][y - b[i, 1], x - b[i, 0]]
         return hits
 
+    def box_overlaps(self, box: tuple[int, int, int, int]) -> np.ndarray:
+        """``(N,)`` int64 area of each mask's *box* inside ``box``: an upper bound of its pixels there."""
+        bx0, by0, bx1, by1 = box
+        b = self.boxes.astype(np.int64)
+        w = np.clip(np.minimum(b[:, 2], bx1) - np.maximum(b[:, 0], bx0), 0, None)
+        h = np.clip(np.minimum(b[:, 3], by1) - np.maximum(b[:, 1], by0), 0, None)
+        return w * h
+
+    def box_intersection(self, i: int, box: tuple[int, int, int, int]) -> int:
+        """Pixels of mask ``i`` inside ``box`` (``x0, y0, x1, y1``, exclusive end)."""
+        bx0, by0, bx1, by1 = box
+        x0, y0, x1, y1 = self.boxes[i].tolist()
+        ix0, iy0, ix1, iy1 = max(x0, bx0), max(y0, by0), min(x1, bx1), min(y1, by1)
+        if ix0 >= ix1 or iy0 >= iy1:
+            return 0
+        if (ix0, iy0, ix1, iy1) == (x0, y0, x1, y1):
+            return int(self.areas[i])  # mask box fully inside the prompt box
+        return int(np.count_nonzero(self.crops[i][iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0]))
+
     def box_intersections(self, box: tuple[int, int, int, int]) -> np.ndarray:
         """``(N,)`` int64 pixels of each mask inside ``box`` (``x0, y0, x1, y1``, exclusive end)."""
-        bx0, by0, bx1, by1 = box
-        b = self.boxes
         out = np.zeros(len(self), dtype=np.int64)
-        ix0, iy0 = np.maximum(b[:, 0], bx0), np.maximum(b[:, 1], by0)
-        ix1, iy1 = np.minimum(b[:, 2], bx1), np.minimum(b[:, 3], by1)
-        overlapping = (ix0 < ix1) & (iy0 < iy1)
-        areas = self.areas
-        for i in np.flatnonzero(overlapping):
-            if ix0[i] == b[i, 0] and iy0[i] == b[i, 1] and ix1[i] == b[i, 2] and iy1[i] == b[i, 3]:
-                out[i] = areas[i]  # mask box fully inside the prompt box
-                continue
-            crop = self.crops[i][iy0[i] - b[i, 1] : iy1[i] - b[i, 1], ix0[i] - b[i, 0] : ix1[i] - b[i, 0]]
-            out[i] = int(crop.sum())
+        for i in np.flatnonzero(self.box_overlaps(box)):
+            out[i] = self.box_intersection(int(i), box)
         return out
 
     def iou(self, i: int, j: int) -> float:

@@ -216,6 +216,30 @@ def box_ious(masks: MaskSet, box: tuple[int, int, int, int]) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros(len(masks)), where=union > 0)
 
 
+def best_box_match(masks: MaskSet, box: tuple[int, int, int, int]) -> tuple[int, float]:
+    """``(index, IoU)`` of the mask with the highest IoU with ``box``; ``argmax(box_ious(...))``.
+
+    Counts pixels only while a mask could still win: a mask's pixels inside the box are at
+    most ``min(area, box overlap)``, which bounds its IoU, and masks are visited by that bound.
+    """
+    x0, y0, x1, y1 = box
+    box_area = max(x1 - x0, 0) * max(y1 - y0, 0)
+    areas = masks.areas
+    most = np.minimum(areas, masks.box_overlaps(box))
+    union = box_area + areas - most
+    bound = np.divide(most, union, out=np.zeros(len(masks)), where=union > 0)
+    best, best_iou = 0, 0.0
+    for i in np.argsort(-bound, kind="stable"):
+        if bound[i] < best_iou or bound[i] <= 0:
+            break
+        inter = masks.box_intersection(int(i), box)
+        union_i = box_area + int(areas[i]) - inter
+        iou = inter / union_i if union_i else 0.0
+        if iou > best_iou or (iou == best_iou and iou > 0 and i < best):
+            best, best_iou = int(i), iou
+    return best, best_iou
+
+
 def select_by_box(
     masks: MaskSet,
     box: tuple[int, int, int, int],
@@ -232,9 +256,8 @@ def select_by_box(
     """
     if len(masks) == 0:
         return None
-    ious = box_ious(masks, box)
-    best = int(np.argmax(ious))
-    if ious[best] <= 0:
+    best, best_iou = best_box_match(masks, box)
+    if best_iou <= 0:
         return None
     mask = masks.mask(best)
     used = [best]

@@ -6,6 +6,7 @@ Nothing else in the package reads ``os.environ``: the app factory builds one
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from pathlib import Path
 
@@ -97,6 +98,7 @@ class Settings(BaseSettings):
     port: int = Field(9090, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64, description="gunicorn processes (each loads the model)")
     threads: int = Field(4, ge=1, le=256, description="threads per worker (clicks are served concurrently)")
+    torch_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker; 0 = CPU cores / WORKERS")
     timeout_s: int = Field(120, ge=1, description="gunicorn worker timeout; LS waits 100 s for /predict")
     basic_auth_user: str | None = None
     basic_auth_pass: SecretStr | None = None
@@ -111,6 +113,13 @@ class Settings(BaseSettings):
     def _empty_is_none(cls, value: object) -> object:
         """``VAR=`` in an env file means unset (compose passes empty strings for missing vars)."""
         return None if value == "" else value
+
+    def torch_threads_per_worker(self) -> int:
+        """``TORCH_THREADS``, or this machine's CPU cores shared out between the gunicorn workers."""
+        if self.torch_threads:
+            return self.torch_threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // self.workers)
 
     def inference_params(self) -> dict[str, object]:
         """Parameters that change the all-instance masks (go into cache keys and model_version)."""

@@ -54,6 +54,7 @@ def test_box_intersections_match_dense_computation():
         x0, y0, x1, y1 = box
         expected = masks[:, y0:y1, x0:x1].sum(axis=(1, 2))
         assert ms.box_intersections(box).tolist() == expected.tolist()
+        assert (ms.box_overlaps(box) >= expected).all()  # the bound best_box_match prunes with
 
 
 def test_pairwise_iou_matches_dense_computation():

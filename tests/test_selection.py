@@ -142,3 +142,23 @@ def test_selection_reports_what_it_used():
     sel = select_by_points(SCENE, points((15, 15), (45, 15)), np.array([True, True]))
     assert set(sel.indices) == {2, 3}
     assert sel.score == pytest.approx((0.9 + 0.7) / 2)
+
+
+def test_best_box_match_is_the_argmax_of_all_ious():
+    from fastsam_backend.selection import best_box_match
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        dense = np.zeros((12, H, W), bool)
+        for m in dense:
+            x0, y0 = rng.integers(0, W - 5), rng.integers(0, H - 5)
+            x1, y1 = rng.integers(x0 + 1, W + 1), rng.integers(y0 + 1, H + 1)
+            m[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) > 0.2
+        ms = MaskSet.from_dense(dense, np.ones(12))
+        x0, y0 = rng.integers(0, W - 2), rng.integers(0, H - 2)
+        box = (int(x0), int(y0), int(rng.integers(x0 + 1, W + 1)), int(rng.integers(y0 + 1, H + 1)))
+        ious = box_ious(ms, box)
+        best, value = best_box_match(ms, box)
+        assert value == pytest.approx(ious.max())
+        if value > 0:
+            assert best == int(np.argmax(ious))
