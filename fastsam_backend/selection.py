@@ -121,34 +121,61 @@ def smooth_mask(mask: np.ndarray, keep_points: np.ndarray | None = None,
     hole = max(MIN_MORPH_PIXELS, int(HOLE_FRACTION * area))
     changed = False
 
-    crop_u8 = crop.view(np.uint8)
-    _n, labels, stats, _ = cv2.connectedComponentsWithStats(crop_u8, connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= speck
-    keep[0] = False
-    if keep_points is not None:
-        for x, y in _as_points(keep_points):
-            if y0 <= y < y1 and x0 <= x < x1 and (label := labels[y - y0, x - x0]) != 0:
-                keep[label] = True
-    if keep[1:].all():  # the common case, one solid object: no pixel to touch
-        cleaned = crop
-    else:
-        cleaned, changed = keep[labels], True
+    # Plain labelling + a histogram: OpenCV's *WithStats variant costs 5x more (boxes, centroids).
+    n, labels = cv2.connectedComponents(crop.view(np.uint8), connectivity=8)
+    cleaned = crop
+    if n > 2:  # several pieces: drop the specks (one piece is the whole area, never a speck)
+        labelled = _Labels(labels, n)
+        keep = labelled.areas() >= speck
+        keep[0] = False
+        if keep_points is not None:
+            for x, y in _as_points(keep_points):
+                if y0 <= y < y1 and x0 <= x < x1 and (label := labels[y - y0, x - x0]) != 0:
+                    keep[label] = True
+        if not keep[1:].all():
+            cleaned, changed = labelled.paint(keep), True
 
     # Holes: background components that do not touch the crop border (the crop has
     # a 1 px margin wherever the image allows, so outside background touches it).
-    _nb, blabels, bstats, _ = cv2.connectedComponentsWithStats(1 - cleaned.view(np.uint8), connectivity=4)
+    nb, blabels = cv2.connectedComponents(1 - cleaned.view(np.uint8), connectivity=4)
     border = np.unique(np.concatenate([blabels[0], blabels[-1], blabels[:, 0], blabels[:, -1]]))
-    fill = bstats[:, cv2.CC_STAT_AREA] < hole
-    fill[0] = False
-    fill[border] = False
-    if fill.any():
-        cleaned, changed = cleaned | fill[blabels], True
+    if nb - 1 > np.count_nonzero(border):  # some background component is enclosed (label 0 is the mask)
+        labelled = _Labels(blabels, nb)
+        fill = labelled.areas() < hole
+        fill[0] = False
+        fill[border] = False
+        if fill.any():
+            cleaned, changed = cleaned | labelled.paint(fill), True
 
     if not changed:
         return mask
     out = mask.copy()
     out[y0:y1, x0:x1] = cleaned
     return out
+
+
+class _Labels:
+    """A label image with per-label pixel counts and per-label painting. With at most 256
+    labels (nearly always) OpenCV's 8-bit histogram and table lookup do it, 2-4x faster
+    than numpy's bincount and gather over int32 labels."""
+
+    def __init__(self, labels: np.ndarray, n: int) -> None:
+        self.labels, self.n = labels, n
+        # float32 histogram counts are exact below 2**24 pixels
+        self.small = labels.astype(np.uint8) if n <= 256 and labels.size < 1 << 24 else None
+
+    def areas(self) -> np.ndarray:
+        if self.small is None:
+            return np.bincount(self.labels.reshape(-1), minlength=self.n)
+        return cv2.calcHist([self.small], [0], None, [256], [0, 256]).reshape(-1)[: self.n].astype(np.int64)
+
+    def paint(self, table: np.ndarray) -> np.ndarray:
+        """``(H, W)`` bool: ``table[label]`` of every pixel."""
+        if self.small is None:
+            return table[self.labels]
+        lut = np.zeros(256, np.uint8)
+        lut[: self.n] = table
+        return cv2.LUT(self.small, lut).view(bool)
 
 
 def _union_box(masks: MaskSet, used: list[int]) -> tuple[int, int, int, int]:

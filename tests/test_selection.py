@@ -162,3 +162,44 @@ def test_best_box_match_is_the_argmax_of_all_ious():
         assert value == pytest.approx(ious.max())
         if value > 0:
             assert best == int(np.argmax(ious))
+
+
+def _smooth_reference(mask, keep_points=None):
+    """The smoothing rule written plainly over the whole image (OpenCV's component stats)."""
+    import cv2
+
+    area = int(mask.sum())
+    if area == 0:
+        return mask
+    speck, hole = max(16, int(0.01 * area)), max(16, int(0.01 * area))
+    padded = np.pad(mask, 1)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(padded.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= speck
+    keep[0] = False
+    for x, y in keep_points if keep_points is not None else []:
+        if labels[y + 1, x + 1]:
+            keep[labels[y + 1, x + 1]] = True
+    cleaned = keep[labels]
+    _, blabels, bstats, _ = cv2.connectedComponentsWithStats((~cleaned).astype(np.uint8), connectivity=4)
+    fill = bstats[:, cv2.CC_STAT_AREA] < hole
+    fill[0] = False
+    fill[blabels[0, 0]] = False  # the padding ring: everything outside the mask
+    return (cleaned | fill[blabels])[1:-1, 1:-1]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_smoothing_matches_the_plain_rule(seed):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((H, W), np.uint8)
+    for _ in range(rng.integers(1, 4)):  # a few blobs, at the image edge too
+        cv2.circle(mask, (int(rng.integers(-5, W + 5)), int(rng.integers(-5, H + 5))), int(rng.integers(3, 25)), 1, -1)
+    mask = mask.astype(bool)
+    mask ^= rng.random((H, W)) < 0.03  # specks and pinholes
+    if seed % 5 == 0:
+        mask[:] = True
+        mask[rng.integers(1, H - 1), rng.integers(1, W - 1)] = False  # one hole in a mask filling the image
+    pts = np.argwhere(mask)[:2][:, ::-1] if mask.any() else None
+    np.testing.assert_array_equal(smooth_mask(mask, keep_points=pts), _smooth_reference(mask, pts))
+    np.testing.assert_array_equal(smooth_mask(mask), _smooth_reference(mask))
