@@ -1,6 +1,6 @@
 """Section 1 — cold predict: what a never-seen image costs.
 
-FastSAM: PNG decode + everything pass (our ``Segmenter``, retina masks) + cache
+FastSAM: PNG decode + everything pass (our ``Segmenter``, masks decoded per box) + cache
 encoding (``codec.encode_entry``), per architecture and inference size. Reference:
 SAM ViT-B's image encoder (``SamPredictor.set_image`` at 1024), which a SAM
 backend must run before it can answer the first click. All weights are random:
@@ -43,8 +43,8 @@ def _fastsam(ctx: Context, arch: str, imgsz: int, reps: int, png: bytes) -> dict
             "decode": stats_ms(decode), "segment": stats_ms(segment), "encode_entry": stats_ms(encode),
             "total": stats_ms(total),
             "segment_phases": _phases(phases, segment),
-            "segment_phases_note": "p50 ms; ultralytics' own split (postprocess = NMS + retina masks: prototypes "
-                                   "upsampled to the image); rest = Segmenter overhead + masks_from_result"}
+            "segment_phases_note": "p50 ms; ultralytics' own split (postprocess = NMS + our per-box mask "
+                                   "decoding, fastsam_backend.boxmasks); rest = Segmenter and predictor overhead"}
 
 
 def _phases(phases: dict[str, list[float]], segment: list[float]) -> dict[str, float]:

@@ -1,8 +1,9 @@
 """The FastSAM model wrapper: the only module that touches ultralytics and torch.
 
 ``Segmenter.segment(image)`` runs FastSAM's all-instance pass once and returns a
-``MaskSet`` at the original resolution (ultralytics' ``retina_masks`` upsamples the
-prototype logits to the image, then thresholds — no jagged edges).
+``MaskSet`` at the original resolution: the masks ultralytics' ``retina_masks`` makes
+(prototype logits upsampled to the image, then thresholded — no jagged edges), but
+decoded inside each box only (``boxmasks``).
 The model is loaded lazily, once per process, under a lock; a load failure is
 remembered (and retried at most every ``RETRY_AFTER_S``) so every request gets
 the same clear message instead of a stack trace.
@@ -16,11 +17,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .boxmasks import decode_box_masks
 from .errors import ModelUnavailable
 from .masks import MaskSet
 
@@ -207,19 +210,40 @@ class Segmenter:
         with self._infer_lock, torch.inference_mode():
             results = self._model.predict(
                 bgr,
+                predictor=box_mask_predictor(),
                 device=self._device,
-                retina_masks=True,
                 imgsz=cfg.imgsz,
                 conf=cfg.conf,
                 iou=cfg.iou,
                 max_det=cfg.max_det,
                 verbose=False,
             )
-        return masks_from_result(results[0], image.shape[:2])
+            return results[0].instance_masks
+
+
+@cache
+def box_mask_predictor() -> type:
+    """ultralytics' ``FastSAMPredictor`` with its retina-mask step replaced by ``decode_box_masks``
+    (same masks, upsampled inside each box only). Built on first use: importing this module
+    must not import ultralytics."""
+    from ultralytics.engine.results import Results
+    from ultralytics.models.fastsam import FastSAMPredictor
+    from ultralytics.utils import ops
+
+    class BoxMaskPredictor(FastSAMPredictor):
+        def construct_result(self, pred, img, orig_img, img_path, proto):  # ultralytics' signature
+            pred[:, :4] = ops.scale_boxes(img.shape[2:], pred[:, :4], orig_img.shape)
+            masks = decode_box_masks(proto, pred[:, 6:], pred[:, :4], pred[:, 4], orig_img.shape[:2])
+            result = Results(orig_img, path=img_path, names=self.model.names, boxes=pred[:, :6])
+            result.instance_masks = masks
+            return result
+
+    return BoxMaskPredictor
 
 
 def masks_from_result(result: Any, image_size: tuple[int, int]) -> MaskSet:
-    """ultralytics ``Results`` → ``MaskSet`` (tight boxes computed on the device, crops to numpy)."""
+    """ultralytics ``Results`` with retina masks → ``MaskSet`` (tight boxes computed on the device,
+    crops to numpy). ``Segmenter`` decodes its own; this reads a stock predictor's (tests, bench)."""
     if result.masks is None or len(result) == 0:
         return MaskSet.empty(image_size)
     data = result.masks.data  # (N, H, W) uint8/float at original size (retina masks)
