@@ -3,7 +3,7 @@
 #   1. the GPU column of the cold benchmark (`python -m bench --full --only cold`);
 #   2. stage 3 of the FastSAM fixture: scripts/train_fastsam_fixture.py on CUDA, time-budgeted,
 #      continuing from the shipped fixture on many more scenes at 640 px.
-# Usage there:  OUT=/some/dir [INIT=weights.pt] bash scripts/gpu_run.sh [TRAIN_HOURS]
+# Usage there:  OUT=/some/dir [INIT=weights.pt] bash scripts/gpu_run.sh [TRAIN_HOURS]   (0: bench only)
 # (INIT: the weights to continue from; the shipped stage 3 continued from stage 2, see the
 # training script's docstring.)
 # Python packages the machine lacks travel as wheels in .whl/ (see the device README); its own
@@ -26,6 +26,7 @@ timeout "${BENCH_TIMEOUT:-180}" python3 -m bench --full --only cold --out /tmp/b
   >"$OUT/bench-gpu.txt" 2>"$OUT/bench-gpu.log"
 echo "bench rc=$?"; cp /tmp/bench/bench-gpu.json "$OUT/"; cat "$OUT/bench-gpu.txt"
 
+[ "$TRAIN_HOURS" = 0 ] && { echo "TRAIN_HOURS=0: no training"; exit 0; }
 timeout "${TRAIN_TIMEOUT:-420}" python3 scripts/train_fastsam_fixture.py --device 0 --processes 16 --workers 12 \
   --init "${INIT:-tests/fixtures/models/fastsam-shapes.pt}" --scenes 5000 --val-scenes 100 --test-scenes 200 \
   --hours "$TRAIN_HOURS" --epochs 60 --imgsz 640 --batch 64 --nbs 64 --close-mosaic 4 --lr0 0.002 \
