@@ -1,7 +1,8 @@
 """Section 6 — CPU acceleration: ultralytics' ONNX export run by onnxruntime vs torch.
 
-The same random-weight FastSAM-s checkpoint is exported offline
-(``YOLO(pt).export(format="onnx")``, needs ``onnx`` + ``onnxslim`` + ``onnxruntime``)
+The same random-weight FastSAM-s checkpoint is exported offline with dynamic axes
+(``YOLO(pt).export(format="onnx", dynamic=True)``, as ``fastsam-backend export-onnx``;
+needs ``onnx`` + ``onnxslim`` + ``onnxruntime``)
 and both are run through our ``Segmenter`` (ultralytics' AutoBackend loads either).
 Reported: the speed ratio of the everything pass and the mask agreement — each
 torch instance matched to the ONNX instance with the highest box IoU, then the
@@ -28,7 +29,9 @@ def _export(pt_path, workdir, imgsz: int):
     target = workdir / "onnx" / pt_path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(pt_path, target)
-    seconds, path = timed(lambda: YOLO(str(target)).export(format="onnx", imgsz=imgsz, device="cpu", verbose=False))
+    # dynamic axes, as `fastsam-backend export-onnx` makes them (torch's letterbox: same masks on any aspect)
+    seconds, path = timed(lambda: YOLO(str(target)).export(format="onnx", imgsz=imgsz, dynamic=True, device="cpu",
+                                                           verbose=False))
     return seconds, type(target)(path)
 
 

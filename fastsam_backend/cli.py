@@ -132,6 +132,24 @@ def bench(mode: str, out: str | None, only: tuple[str, ...]) -> None:
     click.echo(render(result))
 
 
+@main.command("export-onnx")
+@click.option("--weights", default=None, help="checkpoint to export [env FASTSAM_WEIGHTS]")
+@click.option("--imgsz", type=int, default=None, help="trace size of the export [env IMGSZ, default 1024]")
+def export_onnx(weights: str | None, imgsz: int | None) -> None:
+    """Export FastSAM weights to ONNX for ONNX Runtime on CPU (then point FASTSAM_WEIGHTS at the file).
+
+    Needs the `onnx` and `onnxslim` packages (requirements-dev.txt) where it runs; serving needs
+    only `onnxruntime`. The export has dynamic axes, so it serves any IMGSZ.
+    """
+    from .segmenter import Segmenter, SegmenterConfig
+
+    overrides = {k: v for k, v in {"fastsam_weights": weights, "imgsz": imgsz}.items() if v is not None}
+    settings = load_settings(**overrides)
+    _configure_logging(settings.log_level)
+    path = Segmenter(SegmenterConfig.from_settings(settings)).export_onnx()
+    click.echo(f"exported {path}; serve it with FASTSAM_WEIGHTS={path}")
+
+
 def _child_exit(server, worker) -> None:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         from prometheus_client import multiprocess
