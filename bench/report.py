@@ -66,6 +66,9 @@ def _extras(sections: dict[str, Any]) -> list[str]:
         out.append(f"warm click over HTTP: p50 {lat['p50_ms']:.1f} / p95 {lat['p95_ms']:.1f} / p99 "
                    f"{lat['p99_ms']:.1f} ms over {lat['n']} prompts, {warm['cached_instances']} cached masks, "
                    f"body {warm['http']['request_body_bytes']['median'] / 1e6:.2f} MB")
+        if app := warm["http"].get("server_app_time"):
+            out.append(f"  of which inside the app (Server-Timing): p50 {app['p50_ms']:.1f} / p95 "
+                       f"{app['p95_ms']:.1f} ms; the rest is gunicorn, the socket and the client")
         for key, label in (("speedup_vs_nocache_fastsam", "FastSAM predictor per click (no cache)"),
                            ("speedup_vs_sam_decoder", "SAM ViT-B decoder per click")):
             if warm.get(key):

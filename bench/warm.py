@@ -71,24 +71,39 @@ def _serve_and_click(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
                                    f"{server.log_tail(800)}")
             for body in bodies[:WARMUP_REQUESTS]:
                 http.post(f"{server.base}/predict", data=body, headers=headers, timeout=60).raise_for_status()
-            latencies, regions, response_bytes = [], 0, []
+            latencies, app_times, regions, response_bytes = [], [], 0, []
             for body in bodies:
                 started = time.perf_counter()
                 response = http.post(f"{server.base}/predict", data=body, headers=headers, timeout=60)
                 content = response.content
                 latencies.append(time.perf_counter() - started)
+                app_times.append(_server_timing_s(response.headers.get("Server-Timing", "")))
                 response.raise_for_status()
                 response_bytes.append(len(content))
                 regions += bool(json.loads(content)["results"][0]["result"])
             redis_keys = sum(1 for _ in client.scan_iter(f"{prefix}*", count=1000))
             log_tail = server.log_tail(1500)
     kinds = [kind for kind, _ in inputs["prompts"]]
+    app = [t for t in app_times if t is not None]
     return {"latency": stats_ms(latencies), "cold_first_request_s": round(cold_s, 3),
+            "server_app_time": stats_ms(app) if app else None,
+            "server_app_time_note": "Server-Timing app;dur: Flask app only (no gunicorn, socket or client)",
             "prompts": {"clicks": kinds.count("click"), "boxes": kinds.count("box"),
                         "answered_with_a_region": regions},
             "request_body_bytes": {"median": int(np.median([len(b) for b in bodies])), "max": max(map(len, bodies))},
             "response_body_bytes": {"median": int(np.median(response_bytes)), "max": max(response_bytes)},
             "redis_keys_under_private_prefix": redis_keys, "server_log_tail": log_tail[-600:]}
+
+
+def _server_timing_s(header: str) -> float | None:
+    """``app;dur=12.34`` -> 0.01234 s."""
+    for part in header.split(";"):
+        if part.strip().startswith("dur="):
+            try:
+                return float(part.strip()[4:]) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 def run(ctx: Context) -> dict[str, Any]:

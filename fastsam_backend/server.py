@@ -85,6 +85,8 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
         metrics.REQUESTS.labels(route=route, method=request.method, status=str(response.status_code)).inc()
         metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
         response.headers["X-Request-Id"] = g.get("request_id", "")
+        # time inside the app (browser dev tools show it; the bench splits client-side latency with it)
+        response.headers["Server-Timing"] = f"app;dur={1000 * elapsed:.2f}"
         log.debug("%s %s -> %s in %.1f ms [%s]", request.method, request.path, response.status_code,
                   1000 * elapsed, g.get("request_id"))
         return response

@@ -259,3 +259,10 @@ def test_interactive_needs_a_brush_tag(client, served_scene):
     body["label_config"] = '<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image"/></View>'
     response = client.post("/predict", json=body)
     assert response.status_code == 400 and "BrushLabels" in response.json["error"]
+
+
+def test_responses_carry_the_request_id_and_the_app_time(client):
+    response = client.get("/health", headers={"X-Request-Id": "abc123"})
+    assert response.headers["X-Request-Id"] == "abc123"
+    name, dur = response.headers["Server-Timing"].split(";")
+    assert name == "app" and float(dur.removeprefix("dur=")) >= 0
