@@ -4,7 +4,8 @@ The same random-weight FastSAM-s checkpoint is exported offline with dynamic axe
 (``YOLO(pt).export(format="onnx", dynamic=True)``, as ``fastsam-backend export-onnx``;
 needs ``onnx`` + ``onnxslim`` + ``onnxruntime``)
 and both are run through our ``Segmenter`` (ultralytics' AutoBackend loads either).
-Reported: the speed ratio of the everything pass and the mask agreement — each
+OpenVINO (issue #6: "if it installs here") is measured the same way where the package is
+installed (requirements-dev.txt). Reported: the speed ratio of the everything pass and the mask agreement — each
 torch instance matched to the ONNX instance with the highest box IoU, then the
 pixel IoU of their masks (target >= 0.99 for every matched instance).
 """
@@ -18,21 +19,46 @@ from typing import Any
 import numpy as np
 
 from .cold import ultralytics_speed
-from .common import Context, calibration_image, model_for, ratio, segmenter_for, stats_ms, timed
+from .common import IOU, MAX_DET, Context, calibration_image, model_for, ratio, segmenter_for, stats_ms, timed
 
 IOU_TARGET = 0.99
 
 
-def _export(pt_path, workdir, imgsz: int):
+def _export(pt_path, workdir, imgsz: int, fmt: str = "onnx"):
     from ultralytics import YOLO
 
-    target = workdir / "onnx" / pt_path.name
+    target = workdir / fmt / pt_path.name
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(pt_path, target)
     # dynamic axes, as `fastsam-backend export-onnx` makes them (torch's letterbox: same masks on any aspect)
-    seconds, path = timed(lambda: YOLO(str(target)).export(format="onnx", imgsz=imgsz, dynamic=True, device="cpu",
+    seconds, path = timed(lambda: YOLO(str(target)).export(format=fmt, imgsz=imgsz, dynamic=True, device="cpu",
                                                            verbose=False))
     return seconds, type(target)(path)
+
+
+def _openvino(ctx: Context, built, image, torch_masks, torch_p50_ms: float) -> dict[str, Any]:
+    """The same comparison for OpenVINO (optional: only where the package is installed)."""
+    try:
+        import openvino
+    except ImportError:
+        return {"skipped": "openvino is not installed"}
+    from ultralytics import FastSAM
+
+    from fastsam_backend.segmenter import box_mask_predictor
+
+    export_s, folder = _export(built.path, ctx.workdir, built.imgsz, fmt="openvino")
+    model = FastSAM(str(folder))  # a folder, which our Segmenter does not take: driven as it drives a model
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+
+    def segment():
+        return model.predict(bgr, predictor=box_mask_predictor(), imgsz=built.imgsz, conf=built.conf, iou=IOU,
+                             max_det=MAX_DET, device="cpu", verbose=False)[0].instance_masks
+
+    masks = segment()
+    times = [timed(segment)[0] for _ in range(ctx.mode.onnx_reps)]
+    agree = agreement(torch_masks, masks)
+    return {"openvino": openvino.__version__, "export_s": round(export_s, 2), "segment": stats_ms(times),
+            "speedup_vs_torch": ratio(torch_p50_ms, stats_ms(times)["p50_ms"]), "agreement": agree}
 
 
 def _mask_iou(a, i: int, b, j: int) -> float:
@@ -97,6 +123,10 @@ def run(ctx: Context) -> dict[str, Any]:
                 phases.setdefault(phase, []).append(ms / 1000)
         results[name] = {"segment": stats_ms(times), "instances": len(masksets[name]),
                          "phases_p50_ms": {k: stats_ms(v)["p50_ms"] for k, v in phases.items()}}
+    try:
+        results["openvino"] = _openvino(ctx, built, image, masksets["torch"], results["torch"]["segment"]["p50_ms"])
+    except Exception as exc:  # optional runtime: record and go on
+        results["openvino"] = {"error": f"{type(exc).__name__}: {exc}"}
     agree = agreement(masksets["torch"], masksets["onnxruntime"])
     speedup = ratio(results["torch"]["segment"]["p50_ms"], results["onnxruntime"]["segment"]["p50_ms"])
     network = ratio(results["torch"]["phases_p50_ms"].get("inference", 0),

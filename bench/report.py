@@ -81,6 +81,12 @@ def _extras(sections: dict[str, Any]) -> list[str]:
     for name, fig in tp.items():
         out.append(f"throughput {name}: {fig['images_per_minute']} images/min, "
                    f"peak RSS {fig['max_worker_peak_rss_mb']} MiB/worker, {fig['regions_per_image_mean']} regions")
+    ov = sections.get("onnx", {}).get("runs", {}).get("openvino", {})
+    if "segment" in ov:
+        out.append(f"openvino {ov['openvino']}: everything pass p50 {ov['segment']['p50_ms']:.0f} ms = "
+                   f"{ov['speedup_vs_torch']}x torch, min mask IoU {ov['agreement']['mask_iou_min']}")
+    elif ov:
+        out.append(f"openvino: {ov.get('skipped') or ov.get('error')}")
     redis = sections.get("cache", {}).get("redis", {})
     if "extrapolated_1000_images_mb" in redis:
         out.append(f"redis: {redis['memory_usage_per_image_bytes'] / 1024:.0f} KiB per cached image -> "
