@@ -123,7 +123,9 @@ def machine() -> dict[str, Any]:
     import torch
     import ultralytics
 
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from fastsam_backend.settings import available_cores
+
+    affinity = available_cores()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpu": cpu_model(), "cores": affinity, "logical_cpus": os.cpu_count(),

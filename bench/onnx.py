@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from fastsam_backend.masks import crop_iou
+
 from .cold import ultralytics_speed
 from .common import IOU, MAX_DET, Context, calibration_image, model_for, ratio, segmenter_for, stats_ms, timed
 
@@ -61,22 +63,6 @@ def _openvino(ctx: Context, built, image, torch_masks, torch_p50_ms: float) -> d
             "speedup_vs_torch": ratio(torch_p50_ms, stats_ms(times)["p50_ms"]), "agreement": agree}
 
 
-def _mask_iou(a, i: int, b, j: int) -> float:
-    """Pixel IoU of mask ``i`` of ``a`` and mask ``j`` of ``b``, computed on their joint box only."""
-    x0, y0 = min(a.boxes[i, 0], b.boxes[j, 0]), min(a.boxes[i, 1], b.boxes[j, 1])
-    x1, y1 = max(a.boxes[i, 2], b.boxes[j, 2]), max(a.boxes[i, 3], b.boxes[j, 3])
-
-    def local(ms, k):
-        out = np.zeros((y1 - y0, x1 - x0), bool)
-        bx0, by0, bx1, by1 = ms.boxes[k]
-        out[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0] = ms.crops[k]
-        return out
-
-    ma, mb = local(a, i), local(b, j)
-    union = np.logical_or(ma, mb).sum()
-    return float(np.logical_and(ma, mb).sum() / union) if union else 1.0
-
-
 def _box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
     iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
@@ -92,7 +78,7 @@ def agreement(ref, other) -> dict[str, Any]:
         if not len(other):
             break
         j = int(np.argmax(_box_ious(ref.boxes[i].astype(np.int64), other.boxes.astype(np.int64))))
-        ious.append(_mask_iou(ref, i, other, j))
+        ious.append(crop_iou(ref.boxes[i], ref.crops[i], other.boxes[j], other.crops[j]))
     arr = np.asarray(ious)
     return {"torch_instances": len(ref), "onnx_instances": len(other), "matched": int(arr.size),
             "mask_iou_min": round(float(arr.min()), 4) if arr.size else None,

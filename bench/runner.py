@@ -39,8 +39,9 @@ def _run_one(ctx: Context, name: str) -> dict[str, Any]:
 def _prepare_threads() -> None:
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores))
+    from fastsam_backend.settings import available_cores
+
+    torch.set_num_threads(available_cores())
 
 
 def run_bench(mode: str = "quick", out: Path | None = None, sections: tuple[str, ...] = SECTIONS,

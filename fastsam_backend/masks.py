@@ -155,16 +155,26 @@ class MaskSet:
 
     def iou(self, i: int, j: int) -> float:
         """Pixel IoU of masks ``i`` and ``j`` (only their boxes' overlap is looked at)."""
-        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = self.boxes[i].tolist(), self.boxes[j].tolist()
-        x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
-        inter = 0
-        if x0 < x1 and y0 < y1:
-            a = self.crops[i][y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
-            b = self.crops[j][y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
-            inter = int(np.count_nonzero(a & b))
-        union = int(self.areas[i]) + int(self.areas[j]) - inter
-        return inter / union if union else 0.0
+        return crop_iou(self.boxes[i], self.crops[i], self.boxes[j], self.crops[j],
+                        int(self.areas[i]), int(self.areas[j]))
 
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.crops) + self.boxes.nbytes + self.scores.nbytes
+
+
+def crop_iou(box_a: np.ndarray, crop_a: np.ndarray, box_b: np.ndarray, crop_b: np.ndarray,
+             area_a: int | None = None, area_b: int | None = None) -> float:
+    """Pixel IoU of two cropped masks (``x0, y0, x1, y1`` boxes in one image), counted on the
+    overlap of their boxes only; pass the areas when they are known."""
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = np.asarray(box_a).tolist(), np.asarray(box_b).tolist()
+    x0, y0, x1, y1 = max(ax0, bx0), max(ay0, by0), min(ax1, bx1), min(ay1, by1)
+    inter = 0
+    if x0 < x1 and y0 < y1:
+        a = crop_a[y0 - ay0 : y1 - ay0, x0 - ax0 : x1 - ax0]
+        b = crop_b[y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        inter = int(np.count_nonzero(a & b))
+    area_a = int(np.count_nonzero(crop_a)) if area_a is None else area_a
+    area_b = int(np.count_nonzero(crop_b)) if area_b is None else area_b
+    union = area_a + area_b - inter
+    return inter / union if union else 0.0

@@ -230,7 +230,7 @@ def select_by_points(
         return None
     if morphology:
         merged = smooth_mask(merged, keep_points=points[positive], box=_union_box(masks, used))
-    score = float(masks.scores[used].mean()) if used else 0.0
+    score = float(masks.scores[used].mean())
     return Selection(merged, score, tuple(int(i) for i in used))
 
 

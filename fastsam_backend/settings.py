@@ -118,12 +118,16 @@ class Settings(BaseSettings):
         """``TORCH_THREADS``, or this machine's CPU cores shared out between the gunicorn workers."""
         if self.torch_threads:
             return self.torch_threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // self.workers)
+        return max(1, available_cores() // self.workers)
 
     def inference_params(self) -> dict[str, object]:
         """Parameters that change the all-instance masks (go into cache keys and model_version)."""
         return {"imgsz": self.imgsz, "conf": self.conf, "iou": self.iou, "max_det": self.max_det}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def load_settings(**overrides: object) -> Settings:
