@@ -22,8 +22,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/fastsam-backend bench $(BENCH_ARGS)
 
+# The README's quality table: the shipped fixtures unless FASTSAM_WEIGHTS etc. are set.
 quality: $(STAMP)
-	$(VENV)/bin/fastsam-backend quality
+	FASTSAM_WEIGHTS=$${FASTSAM_WEIGHTS:-tests/fixtures/models/fastsam-shapes.pt} IMGSZ=$${IMGSZ:-640} \
+	CONF=$${CONF:-0.1} IOU=$${IOU:-0.7} FASTSAM_ALLOW_DOWNLOAD=false \
+	OPEN_CLIP_MODEL=$${OPEN_CLIP_MODEL:-tests/fixtures/models/clip-shapes.json} \
+	OPEN_CLIP_PRETRAINED=$${OPEN_CLIP_PRETRAINED:-tests/fixtures/models/clip-shapes.pt} \
+	$(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

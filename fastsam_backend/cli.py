@@ -77,6 +77,7 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     """Mask quality on generated held-out scenes, through the backend's own request path."""
     import json
 
+    from .errors import ModelUnavailable
     from .evaluation import compare_point_rules, evaluate, held_out_seeds
     from .service import build_service
 
@@ -84,15 +85,27 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     settings = load_settings(**overrides)
     _configure_logging("WARNING")
     service = build_service(settings)
+    text = False
+    if service.clip is not None:
+        try:
+            service.clip.load()
+            text = True
+        except ModelUnavailable as exc:
+            click.echo(f"text check skipped: {exc.message}", err=True)
     seeds = held_out_seeds(scenes)
-    summary = evaluate(service, seeds).summary()
+    summary = evaluate(service, seeds, text=text).summary()
     click.echo(f"model {service.model_version}, {scenes} held-out scenes\n")
     click.echo("| check | mean | n |\n|---|---|---|")
-    for name, key in [("one positive click per object: IoU", "point"), ("box = ground-truth box: IoU", "box"),
-                      ("positive + negative click, overlapping pair: IoU", "pos_neg"),
-                      ("everything mode: recall at IoU 0.5", "everything")]:
-        value = summary[f"{key}_miou"] if key != "everything" else summary["everything_recall50"]
-        click.echo(f"| {name} | {value:.3f} | {summary[f'{key}_n']} |")
+    rows = [("one positive click per object: IoU", "point_miou", "point_n"),
+            ("box = ground-truth box: IoU", "box_miou", "box_n"),
+            ("positive + negative click, overlapping pair: IoU", "pos_neg_miou", "pos_neg_n"),
+            ("everything mode: recall at IoU 0.5", "everything_recall50", "everything_n")]
+    if text:
+        rows.append(("text naming exactly one segmented object: top-1", "text_top1", "text_n"))
+    for name, key, n in rows:
+        click.echo(f"| {name} | {summary[key]:.3f} | {summary[n]} |")
+    if text:
+        click.echo(f"\n(text: {summary['text_unsegmented']} more single-match objects were not segmented)")
     result = {"model_version": service.model_version, "summary": summary}
     if rules:
         table = compare_point_rules(service, seeds)

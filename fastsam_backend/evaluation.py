@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,10 @@ from .service import FastSAMService
 from .settings import PointRule
 
 TEST_SEED0 = 1_000_000  # held-out scenes (training used < 1_000_000)
+# Everything mode is asked under this project, set to label every instance with the tag's first
+# label: it measures segmentation recall, and CLIP's zero-shot labelling (which drops instances it
+# cannot place, unless DEFAULT_LABEL) would otherwise decide which instances come back.
+EVERYTHING_PROJECT = "quality-everything"
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="mask" toName="image"><Label value="object"/></BrushLabels>
@@ -40,6 +45,8 @@ class QualityReport:
     box: list[float] = field(default_factory=list)
     separate: list[float] = field(default_factory=list)
     everything_hits: list[bool] = field(default_factory=list)
+    text_hits: list[bool] = field(default_factory=list)
+    text_unsegmented: int = 0
     scenes: int = 0
 
     def summary(self) -> dict[str, float]:
@@ -56,6 +63,9 @@ class QualityReport:
             "pos_neg_n": len(self.separate),
             "everything_recall50": mean(self.everything_hits),
             "everything_n": len(self.everything_hits),
+            "text_top1": mean(self.text_hits),
+            "text_n": len(self.text_hits),
+            "text_unsegmented": self.text_unsegmented,
         }
 
 
@@ -117,8 +127,16 @@ class SceneClient:
     def click(self, x: int, y: int, positive: bool = True) -> dict:
         return _keypoint(x, y, self.w, self.h, positive)
 
+    def text(self, phrase: str) -> dict:
+        return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [phrase]}}
+
+    def segmented(self, mask: np.ndarray) -> bool:
+        """Whether one of the cached instance masks finds ``mask`` (IoU ≥ 0.5)."""
+        masks = self.service.masks_for(self.task["data"]["image"]).masks
+        return any(iou(masks.mask(i), mask) >= 0.5 for i in range(len(masks)))
+
     def everything(self) -> list[np.ndarray]:
-        prediction = self.service.predict([self.task], None, LABEL_CONFIG, project=self.project)[0]
+        prediction = self.service.predict([self.task], None, LABEL_CONFIG, project=EVERYTHING_PROJECT)[0]
         return [decode_rle(r["value"]["rle"], self.h, self.w) for r in prediction["result"]
                 if r["type"] == "brushlabels"]
 
@@ -136,14 +154,28 @@ def overlapping_pairs(scene: Scene) -> list[tuple[int, int]]:
 
 
 def evaluate(service: FastSAMService, seeds: Iterable[int], *, project: str | None = None,
-             clicks_per_object: int = 2, everything: bool = True) -> QualityReport:
-    """Run the point, box, positive+negative and everything-mode checks on the given scenes."""
+             clicks_per_object: int = 2, everything: bool = True, text: bool = False,
+             geometry: bool = True) -> QualityReport:
+    """Run the point, box, positive+negative and everything-mode checks on the given scenes.
+
+    ``text`` adds the text check (needs CLIP): the caption ("red circle") of each object whose
+    caption names no other object in its scene; a hit when the answer has IoU ≥ 0.5 with it.
+    Objects FastSAM did not segment are counted apart (``text_unsegmented``): CLIP can only
+    choose among the cached masks, and segmentation recall is the everything check's.
+    ``geometry=False`` runs the text check alone.
+    """
     report = QualityReport()
+    if everything:
+        service.setup(EVERYTHING_PROJECT, extra_params={"label_mode": "first"})
     for seed in seeds:
         scene = generate_scene(seed)
         client = SceneClient(service, scene, project)
         rng = np.random.default_rng(seed)
         report.scenes += 1
+        if text:
+            _text_check(client, scene, report)
+        if not geometry:
+            continue
         for obj in scene.objects:
             for x, y in click_points(obj.mask, rng, clicks_per_object - 1):
                 report.point.append(iou(client.ask([client.click(x, y)]), obj.mask))
@@ -158,6 +190,17 @@ def evaluate(service: FastSAMService, seeds: Iterable[int], *, project: str | No
             for obj in scene.objects:
                 report.everything_hits.append(any(iou(m, obj.mask) >= 0.5 for m in found))
     return report
+
+
+def _text_check(client: SceneClient, scene: Scene, report: QualityReport) -> None:
+    captions = Counter(obj.caption for obj in scene.objects)
+    for obj in scene.objects:
+        if captions[obj.caption] != 1:
+            continue
+        if not client.segmented(obj.mask):
+            report.text_unsegmented += 1
+            continue
+        report.text_hits.append(iou(client.ask([client.text(obj.caption)]), obj.mask) >= 0.5)
 
 
 def compare_point_rules(service: FastSAMService, seeds: list[int]) -> dict[str, dict[str, float]]:

@@ -11,7 +11,7 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 MODELS = FIXTURES / "models"
 FASTSAM_FIXTURE = MODELS / "fastsam-shapes.pt"
-# Inference settings for the fixture: trained at 512 (scripts/train_fastsam_fixture.py), best at 640 / conf 0.1.
+# Inference settings for the fixture: its last stage trained at 640 (scripts/train_fastsam_fixture.py), conf 0.1.
 FIXTURE_IMGSZ = 640
 FIXTURE_CONF = 0.1
 

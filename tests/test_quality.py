@@ -8,11 +8,16 @@ selection, caching or encoding that costs a few points of IoU fails here."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
+import pytest
+from click.testing import CliRunner
+
+from fastsam_backend.cli import main
 from fastsam_backend.evaluation import evaluate, held_out_seeds
 from fastsam_backend.service import build_service
 from fastsam_backend.settings import PointRule
+from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
 
 SCENES = 16
 
@@ -54,3 +59,35 @@ def test_default_point_rule_is_at_least_as_good_as_the_papers(make_settings, rep
           f"paper {paper['point_miou']:.4f} / {paper['pos_neg_miou']:.4f}")
     assert report["point_miou"] >= paper["point_miou"]
     assert report["pos_neg_miou"] >= paper["pos_neg_miou"]
+
+
+def test_quality_command_prints_every_check_including_text(fastsam_weights, tmp_path):
+    """The README's table comes from this command; with the CLIP fixture it has the text row."""
+    env = {"FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF),
+           "IOU": "0.7", "FASTSAM_ALLOW_DOWNLOAD": "false", "REDIS_URL": "", "MODEL_DIR": str(tmp_path),
+           "OPEN_CLIP_MODEL": str(MODELS / "clip-shapes.json"),
+           "OPEN_CLIP_PRETRAINED": str(MODELS / "clip-shapes.pt")}
+    out = tmp_path / "quality.json"
+    result = CliRunner().invoke(main, ["quality", "--scenes", "2", "--no-rules", "--json-out", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [
+        "| one positive click per object: IoU", "| box = ground-truth box: IoU",
+        "| positive + negative click, overlapping pair: IoU", "| everything mode: recall at IoU 0.5",
+        "| text naming exactly one segmented object: top-1"]
+    summary = json.loads(out.read_text())["summary"]
+    print(summary)
+    assert summary["text_n"] > 0 and summary["point_n"] > 0
+    # everything mode measures segmentation: CLIP's zero-shot labels (which drop the instances
+    # they cannot place, here all but a few: the fixture CLIP never saw "object") must not enter it
+    assert summary["everything_recall50"] >= 0.9
+    assert f"| {summary['text_top1']:.3f} | {summary['text_n']} |" in rows[-1]
+
+
+def test_quality_command_without_clip_skips_the_text_row_and_says_why(fastsam_weights, tmp_path):
+    env = {"FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF),
+           "FASTSAM_ALLOW_DOWNLOAD": "false", "REDIS_URL": "", "MODEL_DIR": str(tmp_path),
+           "OPEN_CLIP_MODEL": "ViT-B-32", "OPEN_CLIP_PRETRAINED": "openai"}
+    result = CliRunner().invoke(main, ["quality", "--scenes", "1", "--no-rules"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "text check skipped" in result.output and "top-1" not in result.output

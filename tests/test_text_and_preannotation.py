@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from fastsam_backend.evaluation import TEST_SEED0, data_uri, iou
+from fastsam_backend.evaluation import TEST_SEED0, data_uri, evaluate, iou
 from fastsam_backend.rle import decode_rle
 from fastsam_backend.scenes import SHAPES, generate_scene
 from fastsam_backend.service import build_service
@@ -49,29 +49,11 @@ def text_region(text: str) -> dict:
 
 
 def test_text_picks_the_described_object(service):
-    """Top-1 over objects that name exactly one object and that FastSAM segmented (CLIP can only
+    """Top-1 over captions that name exactly one object that FastSAM segmented (CLIP can only
     choose among the cached masks; segmentation recall is measured by test_quality)."""
-    hits, total, unsegmented = 0, 0, 0
-    for seed in SEEDS:
-        scene = generate_scene(seed)
-        h, w = scene.image.shape[:2]
-        task = {"id": seed, "data": {"image": data_uri(scene.image)}}
-        cached = service.masks_for(task["data"]["image"]).masks
-        captions = Counter(o.caption for o in scene.objects)
-        for obj in scene.objects:
-            if captions[obj.caption] != 1:
-                continue  # only prompts that name exactly one object
-            if not any(iou(cached.mask(i), obj.mask) >= 0.5 for i in range(len(cached))):
-                unsegmented += 1
-                continue
-            (pred,) = service.predict([task], {"result": [text_region(obj.caption)]}, TEXT_CONFIG)
-            got = np.zeros((h, w), bool)
-            for region in pred["result"]:
-                got |= decode_rle(region["value"]["rle"], h, w)
-            hits += iou(got, obj.mask) >= 0.5
-            total += 1
-    assert total >= 30, f"only {total} segmented single-match objects ({unsegmented} unsegmented)"
-    assert hits / total >= 0.80, f"text top-1 {hits}/{total}"
+    summary = evaluate(service, SEEDS, text=True, geometry=False).summary()
+    assert summary["text_n"] >= 30, summary
+    assert summary["text_top1"] >= 0.80, summary
 
 
 def test_text_result_label_is_the_label_named_in_the_text(service):
@@ -157,3 +139,4 @@ def test_pre_annotation_limits(service):
     (pred,) = service.predict([task], None, SHAPES_CONFIG, project="79.1")
     assert pred["result"] and {r["value"]["brushlabels"][0] for r in pred["result"] if r["type"] == "brushlabels"} \
         == {"circle"}
+
