@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .digest import file_digest
 from .errors import ModelUnavailable
 from .masks import MaskSet
 
@@ -65,14 +66,26 @@ class ClipScorer:
         self._lock = threading.Lock()
         self._infer_lock = threading.Lock()
         self._error: str | None = None
+        self._identity: str | None = None
 
     @property
     def identity(self) -> str:
-        model = Path(self.config.model).stem if self.config.model.endswith(".json") else self.config.model
-        pretrained = self.config.pretrained
-        if Path(pretrained).suffix:
-            pretrained = Path(pretrained).stem
-        return f"clip-{model}-{pretrained}"
+        """Model and weights names, plus a digest of the local files among them (config .json,
+        checkpoint): crop embeddings are cached under it. Never loads the model."""
+        if self._identity is None:
+            cfg = self.config
+            files = [Path(cfg.model)] if cfg.model.endswith(".json") else []
+            files += [Path(cfg.pretrained)] if Path(cfg.pretrained).suffix else []
+            model = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
+            pretrained = Path(cfg.pretrained).stem if Path(cfg.pretrained).suffix else cfg.pretrained
+            name = f"clip-{model}-{pretrained}"
+            if not files:
+                self._identity = name  # a released tag: open_clip's files for it do not change
+            elif all(p.is_file() for p in files):
+                self._identity = f"{name}-{file_digest(*files)}"
+            else:
+                return name  # not loadable anyway (available() says so); named, not remembered
+        return self._identity
 
     @property
     def loaded(self) -> bool:

@@ -11,7 +11,6 @@ the same clear message instead of a stack trace.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .boxmasks import decode_box_masks
+from .digest import file_digest
 from .errors import ModelUnavailable
 from .masks import MaskSet
 
@@ -86,14 +86,6 @@ def missing_weights_message(weights: str, model_dir: Path, cause: str | None = N
     else:
         lines.append("Set FASTSAM_WEIGHTS to an existing checkpoint, or to FastSAM-s.pt / FastSAM-x.pt.")
     return " ".join(lines)
-
-
-def file_digest(path: Path, length: int = 12) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]
 
 
 class Segmenter:

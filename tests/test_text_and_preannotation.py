@@ -140,3 +140,28 @@ def test_pre_annotation_limits(service):
     assert pred["result"] and {r["value"]["brushlabels"][0] for r in pred["result"] if r["type"] == "brushlabels"} \
         == {"circle"}
 
+
+def test_clip_identity_changes_when_its_checkpoint_file_is_replaced(tmp_path):
+    """Crop embeddings are cached under the identity (and it enters model_version): another
+    checkpoint copied over the same path must not be served the old one's embeddings."""
+    import shutil
+
+    from fastsam_backend.clip_scorer import ClipConfig, ClipScorer
+
+    config, weights = tmp_path / "clip-shapes.json", tmp_path / "clip-shapes.pt"
+    shutil.copy(MODELS / "clip-shapes.json", config)
+    shutil.copy(MODELS / "clip-shapes.pt", weights)
+    make = lambda: ClipScorer(ClipConfig(model=str(config), pretrained=str(weights), device="cpu"))  # noqa: E731
+    first = make().identity
+    assert first.startswith("clip-clip-shapes-clip-shapes-") and first == make().identity
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert make().identity != first
+    released = ClipScorer(ClipConfig(model="ViT-B-32", pretrained="openai")).identity
+    assert released == "clip-ViT-B-32-openai"
+    weights.unlink()  # missing: named, and not remembered as if it had no file
+    scorer = make()
+    assert scorer.identity == "clip-clip-shapes-clip-shapes"
+    shutil.copy(MODELS / "clip-shapes.pt", weights)
+    assert scorer.identity == first
