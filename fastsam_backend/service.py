@@ -19,7 +19,7 @@ import numpy as np
 from . import metrics
 from .cache import MaskStore, cache_key, make_cache
 from .clip_scorer import ClipConfig, ClipScorer
-from .errors import BadRequest, ModelUnavailable
+from .errors import BackendError, BadRequest, ImageError, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
 from .labelconfig import LabelConfig, parse_label_config
 from .labeling import LabelPhrases, label_named_in, zero_shot
@@ -100,7 +100,14 @@ class FastSAMService:
     # --------------------------------------------------------------- predict
     def predict(self, tasks: list[dict[str, Any]], context: Any, label_config: str | None,
                 project: str | None = None) -> list[dict[str, Any]]:
-        """One prediction per task: ``{"result": [...], "score": float, "model_version": str}``."""
+        """One prediction per task: ``{"result": [...], "score": float, "model_version": str}``.
+
+        In a batch of several tasks (pre-annotation), a task whose image cannot be had gets
+        ``{"error": "tasks[i] (id …): …"}`` in its place and the others keep their predictions:
+        Label Studio logs that entry, stores no prediction for it, and retries the task on the next
+        run. A single task, an interactive request, or a batch where every task fails is answered
+        with the error itself (4xx).
+        """
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("tasks must be a non-empty list")
         options = self.options_for(project)
@@ -109,9 +116,20 @@ class FastSAMService:
         interactive = context is not None
         if interactive and config.brush is None:
             raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
-        predictions = []
+        predictions: list[dict[str, Any]] = []
+        first_failure: BackendError | None = None
         for i, task in enumerate(tasks):
-            found = self.masks_for(task_image_url(task, config, i))
+            try:
+                found = self.masks_for(task_image_url(task, config, i))
+            except (ImageError, BadRequest) as exc:
+                if interactive or len(tasks) == 1:
+                    raise
+                task_id = task.get("id") if isinstance(task, dict) else None
+                log.warning("batch task %d of %d (id %s) skipped: %s", i + 1, len(tasks), task_id, exc.message)
+                metrics.ERRORS.labels(kind="batch_task_skipped").inc()
+                predictions.append({"error": f"tasks[{i}] (id {task_id}): {exc.message}"})
+                first_failure = first_failure or exc
+                continue
             if interactive:
                 result = self._answer_prompts(found, prompts, config, options, task.get("id"))
             else:
@@ -119,6 +137,9 @@ class FastSAMService:
             scores = [r["score"] for r in result if "score" in r]
             predictions.append({"result": result, "score": float(np.mean(scores)) if scores else 0.0,
                                 "model_version": self.model_version})
+        if first_failure is not None and all("error" in p for p in predictions):
+            message = f"all {len(tasks)} tasks failed; {predictions[0]['error']}"
+            raise type(first_failure)(message, status=first_failure.status) from first_failure
         return predictions
 
     def masks_for(self, image_url: str) -> ImageMasks:

@@ -106,6 +106,35 @@ def test_batch_gives_exactly_one_result_per_task(client, served_scene):
         assert {"result", "score", "model_version"} <= set(prediction)
 
 
+def test_a_batch_keeps_the_tasks_whose_images_load(client, served_scene, caplog):
+    """LS stores one prediction per entry that has a "result", logs the others and retries those
+    tasks next run: one broken image must not cost the batch its other predictions."""
+    _, url = served_scene
+    body = captured("/predict", interactive=False)
+    body["tasks"] = [{"id": 7, "data": {"image": url}}, {"id": 8, "data": {"image": "/data/upload/1/gone.png"}},
+                     {"id": 9, "data": {}}, {"id": 10, "data": {"image": url}}]
+    before = metric(client, "fastsam_errors_total", kind="batch_task_skipped")
+    with caplog.at_level(logging.WARNING, logger="fastsam_backend.service"):
+        response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == 4
+    assert results[0]["result"] and [r["value"] for r in results[3]["result"]] == \
+        [r["value"] for r in results[0]["result"]]
+    assert "result" not in results[1] and re.search(r"tasks\[1\] \(id 8\): .*127\.0\.0\.1.*404", results[1]["error"])
+    assert "result" not in results[2] and re.search(r"tasks\[2\] \(id 9\): tasks\[2\]\.data\.image", results[2]["error"])
+    assert metric(client, "fastsam_errors_total", kind="batch_task_skipped") == before + 2
+    assert any("(id 8) skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_where_every_image_fails_is_a_4xx(client):
+    body = captured("/predict", interactive=False)
+    body["tasks"] = [{"id": i, "data": {"image": f"/data/upload/1/gone-{i}.png"}} for i in range(2)]
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert re.search(r"all 2 tasks failed; tasks\[0\] \(id 0\): .*404", response.json["error"])
+
+
 @pytest.mark.parametrize(
     ("body", "status", "message"),
     [
