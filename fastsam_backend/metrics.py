@@ -27,6 +27,8 @@ CACHE_LOOKUPS = Counter("fastsam_cache_lookups_total", "Mask cache lookups per i
 SEGMENT_SECONDS = Histogram("fastsam_segment_seconds", "FastSAM all-instance pass (cold image)",
                             buckets=LATENCY_BUCKETS)
 ERRORS = Counter("fastsam_errors_total", "Requests answered with an error", ["kind"])
+BATCH_TASKS = Counter("fastsam_batch_tasks_total", "Tasks of multi-task (pre-annotation) /predict requests",
+                      ["outcome"])  # predicted, failed (image not had), deferred (time budget spent)
 
 
 def render() -> tuple[bytes, str]:

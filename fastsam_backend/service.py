@@ -102,11 +102,13 @@ class FastSAMService:
                 project: str | None = None) -> list[dict[str, Any]]:
         """One prediction per task: ``{"result": [...], "score": float, "model_version": str}``.
 
-        In a batch of several tasks (pre-annotation), a task whose image cannot be had gets
-        ``{"error": "tasks[i] (id …): …"}`` in its place and the others keep their predictions:
-        Label Studio logs that entry, stores no prediction for it, and retries the task on the next
-        run. A single task, an interactive request, or a batch where every task fails is answered
-        with the error itself (4xx).
+        A batch of several tasks (pre-annotation) never loses the predictions it made. A task
+        whose image cannot be had gets ``{"error": "tasks[i] (id …): …"}`` in its place; once
+        ``BATCH_TIME_BUDGET_S`` is spent (Label Studio gives up on /predict after 100 s and would
+        drop the whole batch), the tasks not yet started get such an entry too. Label Studio logs
+        those entries, stores no prediction for them, and sends them again on its next run (it
+        skips the tasks that have a prediction of this model version). A single task, an
+        interactive request, or a batch where every task fails is answered with the error (4xx).
         """
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("tasks must be a non-empty list")
@@ -116,31 +118,51 @@ class FastSAMService:
         interactive = context is not None
         if interactive and config.brush is None:
             raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
+        if interactive or len(tasks) == 1:
+            return [self._predict_task(task, i, config, prompts if interactive else None, options)
+                    for i, task in enumerate(tasks)]
+
+        budget = self.settings.batch_time_budget_s
         predictions: list[dict[str, Any]] = []
         first_failure: BackendError | None = None
+        started, slowest = time.monotonic(), 0.0
         for i, task in enumerate(tasks):
+            elapsed = time.monotonic() - started
+            if budget and i and elapsed + slowest > budget:  # the first task always runs
+                left = len(tasks) - i
+                log.warning("batch of %d tasks: %d answered in %.0f s (BATCH_TIME_BUDGET_S %g); the %d left "
+                            "are sent again on Label Studio's next run", len(tasks), i, elapsed, budget, left)
+                metrics.BATCH_TASKS.labels(outcome="deferred").inc(left)
+                predictions += [{"error": f"{_task_name(t, i + j)}: not started, the request's time budget "
+                                          f"(BATCH_TIME_BUDGET_S={budget:g} s) was spent; retry it"}
+                                for j, t in enumerate(tasks[i:])]
+                break
+            task_started = time.monotonic()
             try:
-                found = self.masks_for(task_image_url(task, config, i))
+                predictions.append(self._predict_task(task, i, config, None, options))
+                metrics.BATCH_TASKS.labels(outcome="predicted").inc()
             except (ImageError, BadRequest) as exc:
-                if interactive or len(tasks) == 1:
-                    raise
-                task_id = task.get("id") if isinstance(task, dict) else None
-                log.warning("batch task %d of %d (id %s) skipped: %s", i + 1, len(tasks), task_id, exc.message)
-                metrics.ERRORS.labels(kind="batch_task_skipped").inc()
-                predictions.append({"error": f"tasks[{i}] (id {task_id}): {exc.message}"})
+                log.warning("batch of %d tasks: %s skipped: %s", len(tasks), _task_name(task, i), exc.message)
+                metrics.BATCH_TASKS.labels(outcome="failed").inc()
+                predictions.append({"error": f"{_task_name(task, i)}: {exc.message}"})
                 first_failure = first_failure or exc
-                continue
-            if interactive:
-                result = self._answer_prompts(found, prompts, config, options, task.get("id"))
-            else:
-                result = self._pre_annotate(found, config, options)
-            scores = [r["score"] for r in result if "score" in r]
-            predictions.append({"result": result, "score": float(np.mean(scores)) if scores else 0.0,
-                                "model_version": self.model_version})
+            slowest = max(slowest, time.monotonic() - task_started)
         if first_failure is not None and all("error" in p for p in predictions):
             message = f"all {len(tasks)} tasks failed; {predictions[0]['error']}"
             raise type(first_failure)(message, status=first_failure.status) from first_failure
         return predictions
+
+    def _predict_task(self, task: Any, index: int, config: LabelConfig, prompts: Prompts | None,
+                      options: ProjectOptions) -> dict[str, Any]:
+        """``prompts`` None: pre-annotation (no context)."""
+        found = self.masks_for(task_image_url(task, config, index))
+        if prompts is not None:
+            result = self._answer_prompts(found, prompts, config, options, task.get("id"))
+        else:
+            result = self._pre_annotate(found, config, options)
+        scores = [r["score"] for r in result if "score" in r]
+        return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
+                "model_version": self.model_version}
 
     def masks_for(self, image_url: str) -> ImageMasks:
         """All-instance masks of the image at ``image_url``: from the cache, else segmented once."""
@@ -301,6 +323,10 @@ class FastSAMService:
                 self._clip_warned = True
                 log.warning("pre-annotation labels fall back to each tag's first label: %s", exc.message)
             return False
+
+
+def _task_name(task: Any, index: int) -> str:
+    return f"tasks[{index}] (id {task.get('id') if isinstance(task, dict) else None})"
 
 
 def _url_key(url: str) -> str:

@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     threads: int = Field(4, ge=1, le=256, description="threads per worker (clicks are served concurrently)")
     torch_threads: int = Field(0, ge=0, le=256, description="torch CPU threads per worker; 0 = CPU cores / WORKERS")
     timeout_s: int = Field(120, ge=1, description="gunicorn worker timeout; LS waits 100 s for /predict")
+    batch_time_budget_s: float = Field(
+        80.0, ge=0, description="a multi-task /predict stops starting tasks after this long (0 = never)"
+    )
     basic_auth_user: str | None = None
     basic_auth_pass: SecretStr | None = None
     log_level: str = "INFO"

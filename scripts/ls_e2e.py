@@ -8,8 +8,10 @@ small logging proxy in between, then drives Label Studio's API the way its UI do
  2. connect the backend (``POST /api/ml``, interactive) and check LS validated it;
  3. a keypoint click and a box through ``POST /api/ml/<id>/interactive-annotating``: the answer
     must carry our BrushLabels region, image-sized, containing the clicked pixel;
- 4. "Retrieve predictions" (``POST /api/dm/actions?id=retrieve_tasks_predictions``): a prediction
-    with our model version must be stored on the task.
+ 4. "Retrieve predictions" (``POST /api/dm/actions?id=retrieve_tasks_predictions``) over the
+    task, a second task with the same image and a third whose image LS cannot serve: predictions
+    with our model version must be stored on the first two, none on the third, and LS's log must
+    carry our error for it (a broken image must not cost the batch its other predictions).
 
 Prints PASS/FAIL per step, stops both servers (always), and prints where the logs are. Runs with
 the project venv (requests, numpy, cv2, label_studio_sdk)::
@@ -357,7 +359,7 @@ def main() -> int:
 
         # -- our backend, behind the capturing proxy
         be_env = {**os.environ, "PORT": str(be_port), "BIND_HOST": "127.0.0.1", "FASTSAM_WEIGHTS": str(weights),
-                  "IMGSZ": "416", "CONF": "0.25", "IOU": "0.7", "FASTSAM_ALLOW_DOWNLOAD": "false",
+                  "IMGSZ": "640", "CONF": "0.1", "IOU": "0.7", "FASTSAM_ALLOW_DOWNLOAD": "false",
                   "LOG_LEVEL": "DEBUG", "WORKERS": "1", "THREADS": "4"}
         for k in ("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST", "LABEL_STUDIO_API_KEY", "LABEL_STUDIO_ACCESS_TOKEN",
                   "REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
@@ -456,7 +458,16 @@ def main() -> int:
                 Path(args.capture_out).write_text(text)
                 print(f"wrote {args.capture_out}")
 
-        # -- batch: "Retrieve predictions" on all tasks
+        # -- batch: "Retrieve predictions" on all tasks, one of them with an image LS cannot serve
+        r = api.post(f"{ls_url}/api/projects/{project}/import", timeout=60,
+                     json=[{"image": tasks[0]["data"]["image"]}, {"image": "/data/upload/999/missing.png"}])
+        listed = api.get(f"{ls_url}/api/tasks", params={"project": project}, timeout=30).json()
+        all_tasks = listed["tasks"] if isinstance(listed, dict) else listed
+        extra = [t for t in all_tasks if t["id"] != task_id]
+        broken = [t["id"] for t in extra if "missing.png" in t["data"].get("image", "")]
+        good = [task_id] + [t["id"] for t in extra if t["id"] not in broken]
+        report.add("two more tasks imported", r.status_code == 201 and len(good) == 2 and len(broken) == 1,
+                   f"HTTP {r.status_code}, tasks {good} + broken {broken}")
         started = time.monotonic()
         r = api.post(f"{ls_url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
                      json={"selectedItems": {"all": True, "excluded": []}}, timeout=300)
@@ -483,6 +494,30 @@ def main() -> int:
                        f"model_version {version!r}, score {pred.get('score')}, {len(pred['result'])} region(s) "
                        f"({len(regions)} brush, types {sorted({x['type'] for x in pred['result']})}), "
                        f"clicked object covered by one: {hit}")
+
+        stored = {t: [p for p in api.get(f"{ls_url}/api/predictions", params={"task": t}, timeout=30).json()
+                      if p.get("model_version") == version] for t in good + broken}
+        batch = proxy.find("/predict", lambda e: not ((e["body"] or {}).get("params") or {}).get("context")) \
+            if proxy else []
+        ls_log = logs["label_studio"].read_text(errors="replace") if logs["label_studio"].exists() else ""
+        # (LS 1.23.2 answers a missing upload with a 500, not a 404)
+        our_error = any("tasks[" in line and "could not fetch image" in line for line in ls_log.splitlines())
+        ok = all(stored[t] for t in good) and not any(stored[t] for t in broken) and our_error
+        report.add("batch with a broken image keeps the other predictions", ok,
+                   f"stored per task {({t: len(v) for t, v in stored.items()})}; batch /predict calls "
+                   f"{[(len((e['body'] or {}).get('tasks') or []), e['status']) for e in batch]} (tasks, HTTP); "
+                   f"our error in LS's log: {our_error}")
+
+        # -- "Retrieve predictions" again: LS must send only the task without a prediction (what a
+        #    deferred or failed task relies on to be retried)
+        if proxy:
+            calls = len(batch)
+            api.post(f"{ls_url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
+                     json={"selectedItems": {"all": True, "excluded": []}}, timeout=300)
+            again = proxy.find("/predict", lambda e: not ((e["body"] or {}).get("params") or {}).get("context"))
+            sent = [[t.get("id") for t in (e["body"] or {}).get("tasks") or []] for e in again[calls:]]
+            report.add("next run sends only the tasks without a prediction", sent == [broken],
+                       f"second run's /predict calls carried task ids {sent} (broken {broken})")
 
         # -- interactive again, now that the task carries the stored prediction (LS forwards it)
         region, pixel = prompts["keypoint"]

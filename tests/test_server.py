@@ -113,7 +113,7 @@ def test_a_batch_keeps_the_tasks_whose_images_load(client, served_scene, caplog)
     body = captured("/predict", interactive=False)
     body["tasks"] = [{"id": 7, "data": {"image": url}}, {"id": 8, "data": {"image": "/data/upload/1/gone.png"}},
                      {"id": 9, "data": {}}, {"id": 10, "data": {"image": url}}]
-    before = metric(client, "fastsam_errors_total", kind="batch_task_skipped")
+    before = metric(client, "fastsam_batch_tasks_total", outcome="failed")
     with caplog.at_level(logging.WARNING, logger="fastsam_backend.service"):
         response = client.post("/predict", json=body)
     assert response.status_code == 200
@@ -122,9 +122,35 @@ def test_a_batch_keeps_the_tasks_whose_images_load(client, served_scene, caplog)
     assert results[0]["result"] and [r["value"] for r in results[3]["result"]] == \
         [r["value"] for r in results[0]["result"]]
     assert "result" not in results[1] and re.search(r"tasks\[1\] \(id 8\): .*127\.0\.0\.1.*404", results[1]["error"])
-    assert "result" not in results[2] and re.search(r"tasks\[2\] \(id 9\): tasks\[2\]\.data\.image", results[2]["error"])
-    assert metric(client, "fastsam_errors_total", kind="batch_task_skipped") == before + 2
-    assert any("(id 8) skipped" in r.getMessage() for r in caplog.records)
+    assert "result" not in results[2]
+    assert re.search(r"tasks\[2\] \(id 9\): tasks\[2\]\.data\.image", results[2]["error"])
+    assert metric(client, "fastsam_batch_tasks_total", outcome="failed") == before + 2
+    assert any("tasks[1] (id 8) skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_batch_past_its_time_budget_returns_what_it_has(make_settings, served_scene, scene):
+    """LS drops a /predict that takes over 100 s, with every prediction in it: the batch stops
+    starting tasks once BATCH_TIME_BUDGET_S is spent, and LS sends the rest again next run."""
+    base, url = served_scene
+    app = create_app(make_settings(label_studio_url=base, batch_time_budget_s=1e-6))
+    client = app.test_client()
+    body = captured("/predict", interactive=False)
+    body["tasks"] = [{"id": 20 + i, "data": {"image": url}} for i in range(3)]
+    before = metric(client, "fastsam_batch_tasks_total", outcome="deferred")
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200
+    first, *rest = response.json["results"]
+    assert first["result"] and len(rest) == 2  # the first task always runs
+    for i, entry in enumerate(rest, start=1):
+        assert "result" not in entry
+        assert entry["error"].startswith(f"tasks[{i}] (id {20 + i}): not started")
+        assert "BATCH_TIME_BUDGET_S" in entry["error"]
+    assert metric(client, "fastsam_batch_tasks_total", outcome="deferred") == before + 2
+    # the retry: LS sends the two that are left
+    body["tasks"] = body["tasks"][1:]
+    app2 = create_app(make_settings(label_studio_url=base, batch_time_budget_s=60))
+    results = app2.test_client().post("/predict", json=body).json["results"]
+    assert all(r["result"] for r in results)
 
 
 def test_a_batch_where_every_image_fails_is_a_4xx(client):
