@@ -53,13 +53,23 @@ def run(ctx: Context) -> dict[str, Any]:
         for _ in range(ctx.mode.rle_reps):
             t, got = timed(lambda m=mask: encode_rle(m))
             ours_times.append(t)
-        identical = list(got) == list(expected)
+        # as the service calls it: the selection's box is known, only it is scanned
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+        boxed_times, boxed = [], None
+        for _ in range(ctx.mode.rle_reps):
+            t, boxed = timed(lambda m=mask, b=box: encode_rle(m, b))
+            boxed_times.append(t)
+        identical = list(got) == list(expected) and list(boxed) == list(expected)
         identical_all &= identical
         sdk, ours = stats_ms(sdk_times), stats_ms(ours_times)
         speedup = ratio(sdk["p50_ms"], ours["p50_ms"])
         speedups.append(speedup)
+        in_box = stats_ms(boxed_times)
         results[name] = {"rle_ints": len(got), "byte_identical": identical, "sdk_mask2rle": sdk,
-                         "encode_rle": ours, "speedup": speedup}
+                         "encode_rle": ours, "speedup": speedup, "encode_rle_in_box": in_box,
+                         "box_area_fraction": round((box[2] - box[0]) * (box[3] - box[1]) / mask.size, 3),
+                         "speedup_in_box": ratio(sdk["p50_ms"], in_box["p50_ms"])}
     worst = min(s for s in speedups if s is not None) if any(s is not None for s in speedups) else None
     out: dict[str, Any] = {"masks": results, "byte_identical": identical_all}
     if not identical_all:  # the bench's assertion: recorded as the section's error, figures kept
@@ -68,4 +78,6 @@ def run(ctx: Context) -> dict[str, Any]:
     return {**out,
             "headline": {"name": "RLE: SDK mask2rle / our encode_rle (worst of 4 masks)", "value": worst, "unit": "x",
                          "target": f">= {SPEEDUP_TARGET:g}x", "met": worst is not None and worst >= SPEEDUP_TARGET,
-                         "absolute": ", ".join(f"{k.split()[0]} {v['speedup']}x" for k, v in results.items())}}
+                         "absolute": ", ".join(f"{k.split()[0]} {v['speedup']}x" for k, v in results.items())
+                         + "; with the mask's box, as served: "
+                         + ", ".join(f"{k.split()[0]} {v['speedup_in_box']}x" for k, v in results.items())}}

@@ -81,11 +81,11 @@ def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
             t, sel = timed(lambda m=masks, p=points, q=positive: select_by_points(
                 m, p, q, rule=rule, morphology=morphology))
             if sel is not None and morphology:
-                morph.append(timed(lambda s=sel, p=points: smooth_mask(s.mask, keep_points=p))[0])
+                morph.append(timed(lambda s=sel, p=points: smooth_mask(s.mask, keep_points=p, box=s.box))[0])
         select.append(t)
         regions = []
         if sel is not None:
-            t, ints = timed(lambda s=sel: encode_rle(s.mask))
+            t, ints = timed(lambda s=sel: encode_rle(s.mask, s.box))  # as brush_region calls it
             rle.append(t)
             regions = [{"value": {"format": "rle", "rle": ints, "brushlabels": ["Banana"]}}]
         t, _ = timed(lambda r=regions: json.dumps({"results": [{"result": r, "score": 0.5, "model_version": "x"}]}))

@@ -9,6 +9,7 @@ without ever building the dense stack.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -103,6 +104,11 @@ class MaskSet:
         x0, y0, x1, y1 = self.boxes[i]
         out[y0:y1, x0:x1] = self.crops[i]
         return out
+
+    def union_box(self, indices: Sequence[int] | np.ndarray) -> tuple[int, int, int, int]:
+        """``(x0, y0, x1, y1)``, exclusive end: the smallest box holding the given masks' boxes."""
+        b = self.boxes[np.asarray(indices, dtype=np.int64)]
+        return int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())
 
     def union(self) -> np.ndarray:
         """All masks merged into one ``(H, W)`` bool array."""

@@ -38,15 +38,34 @@ def _labels(label: str | None) -> list[str]:
     return [label] if label else []
 
 
-def brush_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> dict[str, Any]:
-    """One BrushLabels region; ``mask`` is ``(H, W)`` bool at original resolution."""
-    value = {"format": "rle", "rle": encode_rle(mask), "brushlabels": _labels(label)}
+Box = tuple[int, int, int, int]
+
+
+def _within(mask: np.ndarray, box: Box | None, pad: int = 0) -> tuple[np.ndarray, int, int]:
+    """``(view, x0, y0)``: the part of ``mask`` inside ``box`` grown by ``pad`` (clipped to the
+    image), or the whole mask. ``box`` must hold every nonzero pixel of ``mask``."""
+    if box is None:
+        return mask, 0, 0
+    h, w = mask.shape
+    x0, y0 = max(int(box[0]) - pad, 0), max(int(box[1]) - pad, 0)
+    x1, y1 = min(int(box[2]) + pad, w), min(int(box[3]) + pad, h)
+    return mask[y0:max(y1, y0), x0:max(x1, x0)], x0, y0
+
+
+def brush_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                 box: Box | None = None) -> dict[str, Any]:
+    """One BrushLabels region; ``mask`` is ``(H, W)`` bool at original resolution. ``box``
+    (``x0, y0, x1, y1``), when the caller knows one that holds the whole mask, limits every
+    function here to it: the cost follows the object's size, not the image's."""
+    value = {"format": "rle", "rle": encode_rle(mask, box), "brushlabels": _labels(label)}
     return _region(tag, "brushlabels", mask.shape, value, score)
 
 
-def rectangle_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> dict[str, Any] | None:
+def rectangle_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                     box: Box | None = None) -> dict[str, Any] | None:
     """The mask's tight bounding box as a RectangleLabels region (percent)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    part, dx, dy = _within(mask, box)
+    rows, cols = np.flatnonzero(part.any(axis=1)) + dy, np.flatnonzero(part.any(axis=0)) + dx
     if rows.size == 0:
         return None
     h, w = mask.shape
@@ -81,22 +100,26 @@ def mask_polygons(mask: np.ndarray, min_area: float = 4.0) -> list[np.ndarray]:
     return polygons
 
 
-def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> list[dict[str, Any]]:
+def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                    box: Box | None = None) -> list[dict[str, Any]]:
     """One PolygonLabels region per outer contour (percent coordinates)."""
     h, w = mask.shape
+    part, dx, dy = _within(mask, box, pad=1)  # a zero border: contours as on the whole image
     regions = []
-    for poly in mask_polygons(mask):
+    for poly in mask_polygons(part):
+        poly = poly + np.array([dx, dy], dtype=np.float64)
         points = np.column_stack([100.0 * poly[:, 0] / w, 100.0 * poly[:, 1] / h]).round(4).tolist()
         value = {"points": points, "closed": True, "polygonlabels": _labels(label)}
         regions.append(_region(tag, "polygonlabels", mask.shape, value, score))
     return regions
 
 
-def regions_for(tag: OutputTag, mask: np.ndarray, label: str | None, score: float) -> list[dict[str, Any]]:
-    """Regions of ``tag``'s kind for one mask."""
+def regions_for(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                box: Box | None = None) -> list[dict[str, Any]]:
+    """Regions of ``tag``'s kind for one mask (``box``: see ``brush_region``)."""
     if tag.kind == "brushlabels":
-        return [brush_region(tag, mask, label, score)]
+        return [brush_region(tag, mask, label, score, box)]
     if tag.kind == "polygonlabels":
-        return polygon_regions(tag, mask, label, score)
-    rect = rectangle_region(tag, mask, label, score)
+        return polygon_regions(tag, mask, label, score, box)
+    rect = rectangle_region(tag, mask, label, score, box)
     return [rect] if rect else []

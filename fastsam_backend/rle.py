@@ -36,12 +36,16 @@ _K_OF_PIXELS = np.searchsorted(np.array([8, 16, 256]), 4 * np.arange(66)).astype
 _HEADER_TAIL = (WORD_SIZE - 1) << 16 | sum((s - 1) << (4 * (3 - i)) for i, s in enumerate(RLE_SIZES))
 
 
-def encode_rle_bytes(mask: np.ndarray) -> bytes:
+def encode_rle_bytes(mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> bytes:
     """Encode a mask as LS brush RLE, returned as raw bytes.
 
     Args:
         mask: ``(H, W)`` array of any dtype, row-major pixels; nonzero means "in the
             mask" (shown by LS as value 255). ``H * W`` may be 0 (header only).
+        box: ``(x0, y0, x1, y1)``, exclusive end, that holds every nonzero pixel of
+            ``mask``, when the caller knows one (a selection's or an instance's box): only
+            it is scanned, so the cost follows the object's size, not the image's. The
+            output is the same as without it.
 
     Returns:
         The bitstream, ``len == total_bits // 8 + 1`` bytes (the SDK's padding).
@@ -49,19 +53,24 @@ def encode_rle_bytes(mask: np.ndarray) -> bytes:
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {m.shape}")
-    flat = m.reshape(-1)
-    if flat.dtype != np.bool_:
-        flat = flat != 0
-    n = flat.size
+    n = m.size
     if 4 * n >= 1 << 32:
         raise ValueError(f"mask of {n} pixels does not fit the 32-bit value count")
 
     # Runs of equal pixels -> length in values (4 per pixel), value bit, field class k.
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    # Values alternate from run to run (two-valued), starting with pixel 0's.
+    if box is None:
+        flat = m.reshape(-1)
+        if flat.dtype != np.bool_:
+            flat = flat != 0
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        first = bool(flat[0]) if n else False
+    else:
+        change, first = _changes_in_box(m, box)
     bounds = np.concatenate(([0], change, [n])) if n else np.zeros(1, np.int64)
     pixels = np.diff(bounds)
     run_len = 4 * pixels
-    run_val = flat[bounds[:-1]].astype(np.int64)
+    run_val = (np.arange(pixels.size, dtype=np.int64) + first) & 1
     run_k = _K_OF_PIXELS[np.minimum(pixels, 65)]
 
     # Split runs longer than 65,536 values (only possible for k == 3).
@@ -98,12 +107,50 @@ def encode_rle_bytes(mask: np.ndarray) -> bytes:
     return words.astype(">u8").tobytes()[:nbytes]
 
 
-def encode_rle(mask: np.ndarray) -> list[int]:
+def _changes_in_box(m: np.ndarray, box: tuple[int, int, int, int]) -> tuple[np.ndarray, bool]:
+    """Raster positions ``p`` (``0 < p < H*W``) where pixel ``p`` differs from ``p - 1``, and
+    pixel 0's value, for a mask that is zero outside ``box``; reads only the box."""
+    height, width = m.shape
+    n = height * width
+    x0, y0 = max(int(box[0]), 0), max(int(box[1]), 0)
+    x1, y1 = min(int(box[2]), width), min(int(box[3]), height)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros(0, np.int64), False
+    crop = m[y0:y1, x0:x1]
+    if crop.dtype != np.bool_:
+        crop = crop != 0
+    first = bool(crop[0, 0]) if x0 == 0 and y0 == 0 else False
+    if x0 == 0 and x1 == width:  # full-width rows: one contiguous stretch of the raster
+        flat = crop.reshape(-1)
+        base, end = y0 * width, y1 * width
+        inner = np.flatnonzero(flat[1:] != flat[:-1]) + (1 + base)
+        rise = [base] if flat[0] and base > 0 else []
+        fall = [end] if flat[-1] and end < n else []
+        return np.concatenate((np.array(rise, np.int64), inner, np.array(fall, np.int64))), first
+    # Otherwise every box row has a pixel outside the box (zero) just before and just after it
+    # in the raster. Rows laid end to end, each behind a zero column, change where the raster
+    # does: in column c >= 1 at box column c - 1; in the zero column, at the fall just after
+    # the row before (pixel x1 of that row). Positions come out in raster order.
+    rows_n, cols_n = crop.shape
+    padded = np.zeros((rows_n, cols_n + 1), dtype=bool)
+    padded[:, 1:] = crop
+    flat = padded.reshape(-1)
+    q = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    row, col = np.divmod(q, cols_n + 1)
+    change = np.where(col > 0, (row + y0) * width + (col - 1 + x0), (row + y0 - 1) * width + x1)
+    last = (y1 - 1) * width + x1
+    if crop[-1, -1] and last < n:
+        change = np.append(change, last)
+    return (change[1:] if change.size and change[0] == 0 else change), first
+
+
+def encode_rle(mask: np.ndarray, box: tuple[int, int, int, int] | None = None) -> list[int]:
     """Encode an ``(H, W)`` mask (bool, uint8 0/255 or any dtype: nonzero -> 255)
     as LS brush RLE, row-major. Returns the ints 0-255 of ``value.rle``; equal to
     ``label_studio_sdk.converter.brush.mask2rle((mask != 0).astype(np.uint8) * 255)``.
+    ``box``: see ``encode_rle_bytes``.
     """
-    return list(encode_rle_bytes(mask))
+    return list(encode_rle_bytes(mask, box))
 
 
 def decode_rle(rle: Sequence[int] | bytes | np.ndarray, height: int, width: int) -> np.ndarray:

@@ -33,6 +33,7 @@ class Selection:
     mask: np.ndarray
     score: float
     indices: tuple[int, ...]  # which instances of the MaskSet went into it
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive): the union of their boxes, holds the mask
 
 
 def _as_points(points: np.ndarray) -> np.ndarray:
@@ -178,11 +179,6 @@ class _Labels:
         return cv2.LUT(self.small, lut).view(bool)
 
 
-def _union_box(masks: MaskSet, used: list[int]) -> tuple[int, int, int, int]:
-    b = masks.boxes[used]
-    return int(b[:, 0].min()), int(b[:, 1].min()), int(b[:, 2].max()), int(b[:, 3].max())
-
-
 def select_by_points(
     masks: MaskSet,
     points: np.ndarray,
@@ -226,12 +222,15 @@ def select_by_points(
             x, y = points[k]
             if merged[y, x] and (cut := _smallest(inside[k] & ~holds_positive, masks.areas)) is not None:
                 merged &= ~masks.mask(cut)
-    if not used or not merged.any():
+    if not used:
+        return None
+    box = masks.union_box(used)
+    if not merged[box[1]:box[3], box[0]:box[2]].any():
         return None
     if morphology:
-        merged = smooth_mask(merged, keep_points=points[positive], box=_union_box(masks, used))
+        merged = smooth_mask(merged, keep_points=points[positive], box=box)
     score = float(masks.scores[used].mean())
-    return Selection(merged, score, tuple(int(i) for i in used))
+    return Selection(merged, score, tuple(int(i) for i in used), box)
 
 
 def box_ious(masks: MaskSet, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -308,10 +307,11 @@ def select_by_box(
             clip[y0:y1, x0:x1] = True
             mask &= clip
             if morphology and mask.any():
-                mask = smooth_mask(mask, keep_points=pts[pos], box=_union_box(masks, used))
-    if not mask.any():
+                mask = smooth_mask(mask, keep_points=pts[pos], box=masks.union_box(used))
+    union = masks.union_box(used)
+    if not mask[union[1]:union[3], union[0]:union[2]].any():
         return None
-    return Selection(mask, float(masks.scores[best]), tuple(used))
+    return Selection(mask, float(masks.scores[best]), tuple(used), union)
 
 
 SEVERAL_PREFIXES = ("all ", "every ", "each ", "both ")

@@ -252,7 +252,7 @@ class FastSAMService:
             log.info("task %s: %d of %d prompts matched no mask (%d instances on the image; a click on "
                      "background or an object the model did not find)", task_id,
                      len(selections) - len(chosen), len(selections), len(masks))
-        return [brush_region(brush, s.mask, label, s.score) for s in chosen]
+        return [brush_region(brush, s.mask, label, s.score, s.box) for s in chosen]
 
     def _select_text(self, found: ImageMasks, text: str, prompts: Prompts, points: np.ndarray,
                      positive: np.ndarray, options: ProjectOptions) -> Selection | None:
@@ -274,7 +274,7 @@ class FastSAMService:
         if not picked:
             return None
         union = masks[picked].union()
-        return Selection(union, float(np.mean(masks.scores[picked])), tuple(picked))
+        return Selection(union, float(np.mean(masks.scores[picked])), tuple(picked), masks.union_box(picked))
 
     def _pre_annotate(self, found: ImageMasks, config: LabelConfig, options: ProjectOptions) -> list[dict]:
         """Prompt-less pre-annotation: every instance worth keeping, labelled, highest score first."""
@@ -291,7 +291,7 @@ class FastSAMService:
             for tag in targets:
                 label = labels_per_tag[tag.from_name][rank]
                 if label is not False:  # False: CLIP could not place it and there is no default label
-                    result.extend(regions_for(tag, mask, label, float(masks.scores[i])))
+                    result.extend(regions_for(tag, mask, label, float(masks.scores[i]), masks.union_box([i])))
         return result
 
     def _instance_labels(self, found: ImageMasks, order: list[int], tag: Any,

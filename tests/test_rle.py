@@ -199,3 +199,31 @@ def test_decode_accepts_bytes_and_arrays() -> None:
     raw = encode_rle_bytes(mask)
     for rle in (raw, bytearray(raw), np.frombuffer(raw, np.uint8), list(raw)):
         np.testing.assert_array_equal(decode_rle(rle, 30, 40), mask)
+
+
+def _in_box_cases() -> list[tuple[np.ndarray, tuple[int, int, int, int]]]:
+    """Masks that are zero outside a box, at every edge case of the raster: boxes touching the
+    left/right/top/bottom edges, full-width boxes, the whole image, 1-pixel boxes, boxes larger
+    than the mask's own bounding box, empty masks and boxes partly outside the image."""
+    rng = np.random.default_rng(11)
+    cases = []
+    for h, w in [(1, 1), (1, 7), (7, 1), (5, 6), (37, 53), (64, 64), (300, 17)]:
+        for _ in range(40):
+            x0, x1 = sorted(rng.integers(0, w + 1, 2))
+            y0, y1 = sorted(rng.integers(0, h + 1, 2))
+            if rng.random() < 0.3:  # full-width rows
+                x0, x1 = 0, w
+            mask = np.zeros((h, w), bool)
+            if x1 > x0 and y1 > y0:
+                fill = rng.random() if rng.random() < 0.7 else rng.choice([0.0, 1.0])
+                mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < fill
+            grow = rng.integers(0, 3, 4) * (rng.random() < 0.3)  # a looser box, maybe past the image
+            cases.append((mask, (int(x0 - grow[0]), int(y0 - grow[1]), int(x1 + grow[2]), int(y1 + grow[3]))))
+    return cases
+
+
+def test_encoding_inside_a_box_gives_the_same_bytes() -> None:
+    for mask, box in _in_box_cases():
+        assert encode_rle_bytes(mask, box) == encode_rle_bytes(mask), (mask.shape, box)
+    mask, box = _in_box_cases()[200]
+    assert encode_rle(mask.astype(np.uint8) * 255, box) == brush.mask2rle(mask.astype(np.uint8) * 255)
