@@ -349,11 +349,14 @@ def task_image_url(task: Any, config: LabelConfig, index: int) -> str:
 
 
 def build_service(settings: Settings) -> FastSAMService:
-    """Wire the stages from settings; nothing heavy happens here (models load on first use)."""
-    return FastSAMService(
+    """Wire the stages from settings. Models load on first use; the weight files are digested
+    here (``model_version``), so the first /health, which LS waits 1 s for, does not hash them."""
+    service = FastSAMService(
         settings=settings,
         segmenter=Segmenter(SegmenterConfig.from_settings(settings)),
         store=MaskStore(make_cache(settings)),
         images=ImageLoader(ImageSourceConfig.from_settings(settings)),
         clip=ClipScorer(ClipConfig.from_settings(settings)) if settings.clip_enabled else None,
     )
+    log.info("model version %s", service.model_version)
+    return service

@@ -13,7 +13,7 @@ from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
 from fastsam_backend.scenes import generate_scene
 from fastsam_backend.server import create_app
-from tests.conftest import FIXTURE_IMGSZ
+from tests.conftest import FIXTURE_IMGSZ, MODELS
 from tests.helpers import LABEL_CONFIG, captured, interior_point, keypoint_region, png_bytes
 
 SEED = 1_000_007
@@ -65,6 +65,22 @@ def test_health_and_setup_do_not_load_the_model(client, make_settings):
     version = setup.json["model_version"]
     assert version.startswith(Path(make_settings().fastsam_weights).stem) and f"i{FIXTURE_IMGSZ}" in version
     assert client.get("/").json["model_loaded"] is False
+
+
+def test_weights_are_digested_at_start_up_not_on_the_first_health(make_settings, monkeypatch):
+    """LS waits 1 s for /health; hashing a 600 MB CLIP checkpoint there could miss it."""
+    from fastsam_backend import clip_scorer, segmenter
+
+    app = create_app(make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
+                                   open_clip_pretrained=str(MODELS / "clip-shapes.pt")))
+
+    def no_hashing(*paths, **kwargs):
+        raise AssertionError(f"hashed {paths} while serving")
+
+    monkeypatch.setattr(segmenter, "file_digest", no_hashing)
+    monkeypatch.setattr(clip_scorer, "file_digest", no_hashing)
+    health = app.test_client().get("/health")
+    assert health.status_code == 200 and "clip-shapes-" in health.json["model_version"]
 
 
 def test_click_returns_the_brush_mask_and_repeats_hit_the_cache(client, served_scene, scene):
