@@ -108,6 +108,11 @@ def _box(mask: np.ndarray) -> dict:
                                             "rectanglelabels": ["object"]}}
 
 
+def text_region(phrase: str) -> dict:
+    """A TextArea prompt as LS sends it in ``context.result`` (``from_name`` of ``LABEL_CONFIG``)."""
+    return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [phrase]}}
+
+
 class SceneClient:
     """Asks the service about one scene as Label Studio would, and decodes the answers."""
 
@@ -126,9 +131,6 @@ class SceneClient:
 
     def click(self, x: int, y: int, positive: bool = True) -> dict:
         return _keypoint(x, y, self.w, self.h, positive)
-
-    def text(self, phrase: str) -> dict:
-        return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [phrase]}}
 
     def segmented(self, mask: np.ndarray) -> bool:
         """Whether one of the cached instance masks finds ``mask`` (IoU ≥ 0.5)."""
@@ -200,7 +202,7 @@ def _text_check(client: SceneClient, scene: Scene, report: QualityReport) -> Non
         if not client.segmented(obj.mask):
             report.text_unsegmented += 1
             continue
-        report.text_hits.append(iou(client.ask([client.text(obj.caption)]), obj.mask) >= 0.5)
+        report.text_hits.append(iou(client.ask([text_region(obj.caption)]), obj.mask) >= 0.5)
 
 
 def compare_point_rules(service: FastSAMService, seeds: list[int]) -> dict[str, dict[str, float]]:

@@ -225,7 +225,7 @@ def select_by_points(
     if not used:
         return None
     box = masks.union_box(used)
-    if not merged[box[1]:box[3], box[0]:box[2]].any():
+    if not _any_inside(merged, box):
         return None
     if morphology:
         merged = smooth_mask(merged, keep_points=points[positive], box=box)
@@ -240,6 +240,13 @@ def box_ious(masks: MaskSet, box: tuple[int, int, int, int]) -> np.ndarray:
     inter = masks.box_intersections(box)
     union = box_area + masks.areas - inter
     return np.divide(inter, union, out=np.zeros(len(masks)), where=union > 0)
+
+
+def _any_inside(mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+    """Whether ``mask`` has a pixel in ``box``; for a box known to hold the whole mask, whether
+    it has any, looking at the box only."""
+    x0, y0, x1, y1 = box
+    return bool(mask[y0:y1, x0:x1].any())
 
 
 def best_box_match(masks: MaskSet, box: tuple[int, int, int, int]) -> tuple[int, float]:
@@ -287,6 +294,7 @@ def select_by_box(
         return None
     mask = masks.mask(best)
     used = [best]
+    refine_points = None  # the foreground clicks that refined the mask, kept by smoothing
     x0, y0, x1, y1 = box
     if points is not None and len(points):
         pts = _as_points(points)
@@ -306,10 +314,11 @@ def select_by_box(
             clip = np.zeros_like(mask)
             clip[y0:y1, x0:x1] = True
             mask &= clip
-            if morphology and mask.any():
-                mask = smooth_mask(mask, keep_points=pts[pos], box=masks.union_box(used))
+            refine_points = pts[pos]
     union = masks.union_box(used)
-    if not mask[union[1]:union[3], union[0]:union[2]].any():
+    if morphology and refine_points is not None and _any_inside(mask, union):
+        mask = smooth_mask(mask, keep_points=refine_points, box=union)
+    if not _any_inside(mask, union):
         return None
     return Selection(mask, float(masks.scores[best]), tuple(used), union)
 

@@ -217,6 +217,15 @@ class Report:
 # ----------------------------------------------------------------------------- prompts and checks
 
 
+def is_interactive(exchange: dict) -> bool:
+    """A captured /predict that carried a context (a click, a box, a text prompt)."""
+    return bool(((exchange["body"] or {}).get("params") or {}).get("context"))
+
+
+def is_batch(exchange: dict) -> bool:
+    return not is_interactive(exchange)
+
+
 def ui_keypoint(x: int, y: int, width: int, height: int, label: str, positive: bool = True) -> dict:
     """A smart keypoint as the LS 1.23.2 UI serializes it for interactive-annotating.
 
@@ -439,7 +448,7 @@ def main() -> int:
             report.add(f"interactive {name}", ok, f"{detail}, {elapsed:.1f} s ({target.colour} {target.shape} "
                                                   f"at {(px, py)}, box {target.box})")
             if proxy:
-                sent = proxy.find("/predict", lambda e: bool(((e["body"] or {}).get("params") or {}).get("context")))
+                sent = proxy.find("/predict", is_interactive)
                 if sent:
                     captured.append(sent[-1])
         if proxy:
@@ -479,8 +488,7 @@ def main() -> int:
         preds = api.get(f"{ls_url}/api/predictions", params={"task": task_id}, timeout=30).json()
         ours = [p for p in preds if p.get("model_version") == version]
         if not ours:
-            batch = proxy.find("/predict", lambda e: not ((e["body"] or {}).get("params") or {}).get("context")) \
-                if proxy else []
+            batch = proxy.find("/predict", is_batch) if proxy else []
             report.add("prediction stored", False,
                        f"ML record model_version {version!r}; stored {[p.get('model_version') for p in preds]}; "
                        f"batch /predict calls {[(e['status'], e['response'][:300]) for e in batch]}")
@@ -497,8 +505,7 @@ def main() -> int:
 
         stored = {t: [p for p in api.get(f"{ls_url}/api/predictions", params={"task": t}, timeout=30).json()
                       if p.get("model_version") == version] for t in good + broken}
-        batch = proxy.find("/predict", lambda e: not ((e["body"] or {}).get("params") or {}).get("context")) \
-            if proxy else []
+        batch = proxy.find("/predict", is_batch) if proxy else []
         ls_log = logs["label_studio"].read_text(errors="replace") if logs["label_studio"].exists() else ""
         # (LS 1.23.2 answers a missing upload with a 500, not a 404)
         our_error = any("tasks[" in line and "could not fetch image" in line for line in ls_log.splitlines())
@@ -514,7 +521,7 @@ def main() -> int:
             calls = len(batch)
             api.post(f"{ls_url}/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
                      json={"selectedItems": {"all": True, "excluded": []}}, timeout=300)
-            again = proxy.find("/predict", lambda e: not ((e["body"] or {}).get("params") or {}).get("context"))
+            again = proxy.find("/predict", is_batch)
             sent = [[t.get("id") for t in (e["body"] or {}).get("tasks") or []] for e in again[calls:]]
             report.add("next run sends only the tasks without a prediction", sent == [broken],
                        f"second run's /predict calls carried task ids {sent} (broken {broken})")

@@ -61,12 +61,16 @@ def test_default_point_rule_is_at_least_as_good_as_the_papers(make_settings, rep
     assert report["pos_neg_miou"] >= paper["pos_neg_miou"]
 
 
+def quality_env(weights, tmp_path, **clip: str) -> dict[str, str]:
+    """The environment of the README's quality command: the fixtures, no downloads, no Redis."""
+    return {"FASTSAM_WEIGHTS": str(weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF),
+            "IOU": "0.7", "FASTSAM_ALLOW_DOWNLOAD": "false", "REDIS_URL": "", "MODEL_DIR": str(tmp_path), **clip}
+
+
 def test_quality_command_prints_every_check_including_text(fastsam_weights, tmp_path):
     """The README's table comes from this command; with the CLIP fixture it has the text row."""
-    env = {"FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF),
-           "IOU": "0.7", "FASTSAM_ALLOW_DOWNLOAD": "false", "REDIS_URL": "", "MODEL_DIR": str(tmp_path),
-           "OPEN_CLIP_MODEL": str(MODELS / "clip-shapes.json"),
-           "OPEN_CLIP_PRETRAINED": str(MODELS / "clip-shapes.pt")}
+    env = quality_env(fastsam_weights, tmp_path, OPEN_CLIP_MODEL=str(MODELS / "clip-shapes.json"),
+                      OPEN_CLIP_PRETRAINED=str(MODELS / "clip-shapes.pt"))
     out = tmp_path / "quality.json"
     result = CliRunner().invoke(main, ["quality", "--scenes", "2", "--no-rules", "--json-out", str(out)], env=env)
     assert result.exit_code == 0, result.output
@@ -85,9 +89,7 @@ def test_quality_command_prints_every_check_including_text(fastsam_weights, tmp_
 
 
 def test_quality_command_without_clip_skips_the_text_row_and_says_why(fastsam_weights, tmp_path):
-    env = {"FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF),
-           "FASTSAM_ALLOW_DOWNLOAD": "false", "REDIS_URL": "", "MODEL_DIR": str(tmp_path),
-           "OPEN_CLIP_MODEL": "ViT-B-32", "OPEN_CLIP_PRETRAINED": "openai"}
+    env = quality_env(fastsam_weights, tmp_path, OPEN_CLIP_MODEL="ViT-B-32", OPEN_CLIP_PRETRAINED="openai")
     result = CliRunner().invoke(main, ["quality", "--scenes", "1", "--no-rules"], env=env)
     assert result.exit_code == 0, result.output
     assert "text check skipped" in result.output and "top-1" not in result.output

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from fastsam_backend.evaluation import TEST_SEED0, data_uri, evaluate, iou
+from fastsam_backend.evaluation import TEST_SEED0, data_uri, evaluate, iou, text_region
 from fastsam_backend.rle import decode_rle
 from fastsam_backend.scenes import SHAPES, generate_scene
 from fastsam_backend.service import build_service
@@ -42,10 +42,6 @@ def service(make_settings):
                              open_clip_pretrained=str(MODELS / "clip-shapes.pt"),
                              label_min_similarity=-1.0)
     return build_service(settings)
-
-
-def text_region(text: str) -> dict:
-    return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [text]}}
 
 
 def test_text_picks_the_described_object(service):
