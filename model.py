@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastsam_backend.protocol import SetupRequest, predict_request
 from fastsam_backend.service import FastSAMService, build_service
 from fastsam_backend.settings import Settings, load_settings
 
@@ -33,13 +34,14 @@ class FastSAMBackend:
     def setup(self, hostname: str | None = None, access_token: str | None = None,
               extra_params: dict[str, Any] | None = None) -> str:
         """Configure per-project options; cheap, never loads the model."""
-        return self.service.setup(self.project_id, hostname, access_token, extra_params, self.label_config)
+        return self.service.setup(SetupRequest(self.project_id, self.label_config, hostname, access_token,
+                                               extra_params))
 
     def predict(self, tasks: list[dict[str, Any]], context: dict[str, Any] | None = None,
                 **kwargs: Any) -> dict[str, Any]:
         """Same shape as label-studio-ml's ``ModelResponse``: one prediction per task."""
         label_config = kwargs.get("label_config") or self.label_config
-        predictions = self.service.predict(tasks, context, label_config, project=self.project_id)
+        predictions = self.service.predict(predict_request(tasks, context, label_config, self.project_id))
         return {"model_version": self.model_version, "predictions": predictions}
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:

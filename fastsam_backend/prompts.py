@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import BadRequest
+from .protocol import Context, Region
 
 POINT_TYPES = {"keypointlabels", "keypoint"}
 BOX_TYPES = {"rectanglelabels", "rectangle"}
@@ -81,50 +81,43 @@ class Prompts:
         return None
 
 
-def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _number(value: float | None, where: str) -> float:
+    if value is None or not math.isfinite(value):
         raise BadRequest(f"{where} must be a finite number, got {value!r}")
     return float(value)
 
 
-def _first_label(value: dict[str, Any], key: str, where: str) -> str | None:
-    labels = value.get(key)
-    if labels is None:
-        return None
-    if not isinstance(labels, list) or not all(isinstance(s, str) for s in labels):
-        raise BadRequest(f"{where}.{key} must be a list of strings")
+def _first(labels: list[str] | None) -> str | None:
     return labels[0] if labels else None
 
 
-def _point(region: dict[str, Any], where: str) -> PointPrompt:
-    value = region["value"]
-    positive = region.get("is_positive", value.get("positive", True))
-    if not isinstance(positive, bool):
-        raise BadRequest(f"{where}.is_positive must be true or false, got {positive!r}")
+def _point(region: Region, where: str) -> PointPrompt:
+    value = region.value
+    positive = region.is_positive if region.is_positive is not None else value.positive
     return PointPrompt(
-        x=_number(value.get("x"), f"{where}.value.x"),
-        y=_number(value.get("y"), f"{where}.value.y"),
-        positive=positive,
-        label=_first_label(value, "keypointlabels", f"{where}.value"),
+        x=_number(value.x, f"{where}.value.x"),
+        y=_number(value.y, f"{where}.value.y"),
+        positive=True if positive is None else positive,
+        label=_first(value.keypointlabels),
     )
 
 
-def _box(region: dict[str, Any], where: str) -> BoxPrompt:
-    value = region["value"]
-    x = _number(value.get("x"), f"{where}.value.x")
-    y = _number(value.get("y"), f"{where}.value.y")
-    w = _number(value.get("width"), f"{where}.value.width")
-    h = _number(value.get("height"), f"{where}.value.height")
+def _box(region: Region, where: str) -> BoxPrompt:
+    value = region.value
+    x = _number(value.x, f"{where}.value.x")
+    y = _number(value.y, f"{where}.value.y")
+    w = _number(value.width, f"{where}.value.width")
+    h = _number(value.height, f"{where}.value.height")
     if w < 0 or h < 0:
         raise BadRequest(f"{where}.value width/height must not be negative")
-    rotation = _number(value.get("rotation", 0) or 0, f"{where}.value.rotation")
-    label = _first_label(value, "rectanglelabels", f"{where}.value")
+    rotation = _number(value.rotation or 0.0, f"{where}.value.rotation")
+    label = _first(value.rectanglelabels)
     if rotation % 360 == 0:
         return BoxPrompt(x, y, x + w, y + h, label)
     # LS rotates about the top-left corner; the prompt is the rotated box's axis-aligned hull.
     # Percent units differ per axis, so rotate in pixel-proportional units of the original size.
-    ow = float(region.get("original_width") or 100.0)
-    oh = float(region.get("original_height") or 100.0)
+    ow = float(region.original_width or 100.0)
+    oh = float(region.original_height or 100.0)
     theta = math.radians(rotation)
     cos, sin = math.cos(theta), math.sin(theta)
     corners = [(0.0, 0.0), (w * ow, 0.0), (w * ow, h * oh), (0.0, h * oh)]
@@ -133,50 +126,36 @@ def _box(region: dict[str, Any], where: str) -> BoxPrompt:
     return BoxPrompt(min(xs), min(ys), max(xs), max(ys), label)
 
 
-def _text(region: dict[str, Any], where: str) -> TextPrompt | None:
-    texts = region["value"].get("text")
+def _text(region: Region) -> TextPrompt | None:
+    texts = region.value.text
     if isinstance(texts, str):
         texts = [texts]
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise BadRequest(f"{where}.value.text must be a list of strings")
-    joined = " ".join(t.strip() for t in texts if t.strip())
+    joined = " ".join(t.strip() for t in texts or () if t.strip())
     return TextPrompt(joined) if joined else None
 
 
-def parse_context(context: Any) -> Prompts:
-    """Parse ``params.context``; ``None`` (batch mode) gives empty prompts.
+def parse_context(context: Context | None) -> Prompts:
+    """Typed ``params.context`` → prompts; ``None`` (batch mode) gives empty prompts.
+
+    Types were checked where the body was decoded (``protocol``); what is left are the values:
+    finite coordinates, non-negative sizes.
 
     Raises:
         BadRequest: naming the offending field, e.g. ``context.result[0].value.x``.
     """
-    if context is None:
+    if context is None or not context.result:
         return Prompts()
-    if not isinstance(context, dict):
-        raise BadRequest("context must be an object with a 'result' list")
-    result = context.get("result")
-    if result is None:
-        return Prompts()
-    if not isinstance(result, list):
-        raise BadRequest("context.result must be a list of regions")
     points: list[PointPrompt] = []
     boxes: list[BoxPrompt] = []
     texts: list[TextPrompt] = []
-    for i, region in enumerate(result):
+    for i, region in enumerate(context.result):
         where = f"context.result[{i}]"
-        if not isinstance(region, dict):
-            raise BadRequest(f"{where} must be an object")
-        kind = region.get("type")
-        if not isinstance(kind, str):
-            raise BadRequest(f"{where}.type must be a string")
-        kind = kind.lower()
-        if kind not in POINT_TYPES | BOX_TYPES | TEXT_TYPES:
-            continue  # other tools' regions (brush strokes, choices) are not prompts
-        if not isinstance(region.get("value"), dict):
-            raise BadRequest(f"{where}.value must be an object")
+        kind = region.type.lower()
         if kind in POINT_TYPES:
             points.append(_point(region, where))
         elif kind in BOX_TYPES:
             boxes.append(_box(region, where))
-        elif (text := _text(region, where)) is not None:
+        elif kind in TEXT_TYPES and (text := _text(region)) is not None:
             texts.append(text)
+        # other tools' regions (brush strokes, choices) are not prompts
     return Prompts(tuple(points), tuple(boxes), tuple(texts))
