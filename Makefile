@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench quality clean
+.PHONY: run test test-fast lint bench quality clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -16,11 +16,16 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
+# The inner loop: everything but the tests that load a real model or drive a real Label Studio
+# (no torch import; under 30 s on 2 cores). `make test` stays the whole suite.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not model and not real_ls"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
-	$(VENV)/bin/fastsam-backend bench $(BENCH_ARGS)
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 # The README's quality table: the shipped fixtures unless FASTSAM_WEIGHTS etc. are set.
 quality: $(STAMP)

@@ -1,4 +1,4 @@
-"""``fastsam-backend bench`` / ``python -m bench``: how fast the backend is, as ratios.
+"""``python -m bench`` (from a checkout): how fast the backend is, as ratios.
 
 Every headline figure is a ratio against a reference measured in the same run
 (SAM ViT-B, the LS SDK's RLE encoder, raw masks, torch), printed next to the

@@ -22,7 +22,7 @@ RATIO_TARGET = 20.0  # raw / encoded
 def _scene_masks(side: int, want: int):
     """At least ``want`` ground-truth object masks from generated scenes (bounded: 200 scenes)."""
     from fastsam_backend.masks import MaskSet
-    from fastsam_backend.scenes import generate_scene
+    from fastsam_backend.quality.scenes import generate_scene
 
     dense = []
     for seed in range(CALIBRATION_SEED + 100, CALIBRATION_SEED + 300):

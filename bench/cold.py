@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import Context, calibration_image, decode_png, model_for, png_bytes, ratio, segmenter_for, stats_ms, timed
+from fastsam_backend.quality.lsrequests import png_bytes
+
+from .common import Context, calibration_image, decode_png, model_for, ratio, segmenter_for, stats_ms, timed
 
 SPEEDUP_TARGET = 15.0  # FastSAM-s cold at 1024 vs the SAM ViT-B encoder
 

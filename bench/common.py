@@ -16,7 +16,7 @@ import numpy as np
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 CONF, IOU, MAX_DET = 0.4, 0.9, 300  # the backend's defaults (FastSAM reference values)
-CALIBRATION_SEED = 1_000_001  # a held-out scene seed (fastsam_backend.scenes seed ranges)
+CALIBRATION_SEED = 1_000_001  # a held-out scene seed (fastsam_backend.quality.scenes seed ranges)
 TARGET_INSTANCES = 105  # "about 100"; a little over so the warm section surely caches >= 100 masks
 
 
@@ -88,17 +88,9 @@ def ratio(reference: float, measured: float) -> float | None:
 
 def scene_image(seed: int, side: int) -> np.ndarray:
     """A generated scene (coloured shapes) as ``(side, side, 3)`` uint8 RGB."""
-    from fastsam_backend.scenes import generate_scene
+    from fastsam_backend.quality.scenes import generate_scene
 
     return generate_scene(seed, (side, side)).image
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -1,34 +1,23 @@
 """Realistic Label Studio ``/predict`` bodies for the warm-click section.
 
 The template is a request Label Studio 1.23.2 really sent
-(``tests/fixtures/ls-requests.json``); the task is made heavy the way a task in
+(``fastsam_backend/quality/ls-requests.json``); the task is made heavy the way a task in
 progress is: several full-image BrushLabels regions (annotations and
 predictions), each a long RLE int list, that LS sends along with every click.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fastsam_backend.masks import MaskSet
+from fastsam_backend.quality.lsrequests import brush, captured, keypoint, rectangle  # noqa: F401 - re-exported
 from fastsam_backend.rle import encode_rle
 
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "ls-requests.json"
 IMAGE_URL = "/data/upload/1/bench-warm.png"
 BRUSH_RLE_INTS = 25_000  # ~100 KB of JSON per brush region
-
-
-def captured(path: str, interactive: bool) -> dict[str, Any]:
-    """A fresh copy of the captured request to ``path`` (with or without a click context)."""
-    for req in json.loads(FIXTURE.read_text())["requests"]:
-        if req["path"] == path and (path != "/predict" or bool(req["body"]["params"]["context"]) == interactive):
-            return copy.deepcopy(req["body"])
-    raise KeyError(path)
 
 
 def brush_masks(masks: MaskSet, count: int, rng: np.random.Generator, min_ints: int = BRUSH_RLE_INTS
@@ -47,28 +36,6 @@ def brush_masks(masks: MaskSet, count: int, rng: np.random.Generator, min_ints: 
     return out
 
 
-def brush_result(mask: np.ndarray, index: int, label: str = "Banana") -> dict[str, Any]:
-    h, w = mask.shape
-    return {"id": f"brush{index}", "from_name": "tag", "to_name": "image", "type": "brushlabels", "origin": "manual",
-            "original_width": w, "original_height": h, "image_rotation": 0,
-            "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
-
-
-def keypoint(x: int, y: int, width: int, height: int, positive: bool = True) -> dict[str, Any]:
-    return {"id": "k1", "from_name": "tag2", "to_name": "image", "type": "keypointlabels", "origin": "manual",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"x": 100.0 * (x + 0.5) / width, "y": 100.0 * (y + 0.5) / height, "width": 0.5,
-                      "keypointlabels": ["Banana"]},
-            "is_positive": positive}
-
-
-def box(x0: int, y0: int, x1: int, y1: int, width: int, height: int) -> dict[str, Any]:
-    return {"id": "r1", "from_name": "tag3", "to_name": "image", "type": "rectanglelabels", "origin": "manual",
-            "original_width": width, "original_height": height, "image_rotation": 0,
-            "value": {"x": 100.0 * x0 / width, "y": 100.0 * y0 / height, "width": 100.0 * (x1 - x0) / width,
-                      "height": 100.0 * (y1 - y0) / height, "rotation": 0, "rectanglelabels": ["Orange"]}}
-
-
 def prompts(masks: MaskSet, n: int, rng: np.random.Generator, box_share: float = 0.3,
             on_object_share: float = 0.8) -> list[tuple[str, dict[str, Any]]]:  # fmt: skip
     """``n`` varied prompts: clicks on random instances (or anywhere), boxes around instances (jittered)."""
@@ -83,7 +50,7 @@ def prompts(masks: MaskSet, n: int, rng: np.random.Generator, box_share: float =
             by0 = int(np.clip(y0 + rng.integers(-jy, jy + 1), 0, h - 2))
             bx1 = int(np.clip(x1 + rng.integers(-jx, jx + 1), bx0 + 1, w))
             by1 = int(np.clip(y1 + rng.integers(-jy, jy + 1), by0 + 1, h))
-            out.append(("box", box(bx0, by0, bx1, by1, w, h)))
+            out.append(("box", rectangle(bx0, by0, bx1, by1, w, h)))
         elif i >= 0 and rng.random() < on_object_share:
             ys, xs = np.nonzero(masks.crops[i])
             k = int(rng.integers(len(xs)))

@@ -22,7 +22,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def render(result: dict[str, Any]) -> str:
     m = result["machine"]
-    lines = [f"fastsam-backend bench ({result['mode']}) — {result['finished']} — {result['duration_s']:.0f} s "
+    lines = [f"python -m bench ({result['mode']}) — {result['finished']} — {result['duration_s']:.0f} s "
              f"(of which building random-weight checkpoints {result.get('model_build_s', 0):.0f} s)",
              f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"ultralytics {m['ultralytics']}, device {m['device']}, load avg at start {m['loadavg_at_start']}, "

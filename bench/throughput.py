@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import REDIS_URL, Context, calibration_image, model_for, png_bytes, scene_image
+from fastsam_backend.quality.lsrequests import png_bytes
+
+from .common import REDIS_URL, Context, calibration_image, model_for, scene_image
 from .lsbody import captured
 from .servers import backend, peak_rss_mb, redis_prefix, static_server
 

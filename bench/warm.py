@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from .common import REDIS_URL, Context, calibration_image, model_for, png_bytes, ratio, segmenter_for, stats_ms
-from .lsbody import IMAGE_URL, brush_masks, brush_result, captured, predict_body, prompts
+from fastsam_backend.quality.lsrequests import png_bytes
+
+from .common import REDIS_URL, Context, calibration_image, model_for, ratio, segmenter_for, stats_ms
+from .lsbody import IMAGE_URL, brush, brush_masks, captured, predict_body, prompts
 from .servers import backend, redis_prefix, static_server
 
 P95_TARGET_MS = 15.0
@@ -39,7 +41,7 @@ def prepare(ctx: Context) -> dict[str, Any]:
     if len(masks) == 0:
         raise RuntimeError("the calibrated model found no instance on the warm image")
     rng = np.random.default_rng(6)
-    brushes = [brush_result(m, i) for i, m in enumerate(brush_masks(masks, mode.warm_brush_regions, rng))]
+    brushes = [brush(m, i) for i, m in enumerate(brush_masks(masks, mode.warm_brush_regions, rng))]
     items = prompts(masks, mode.warm_clicks, rng)
     bodies = [json.dumps(predict_body(region, brushes)).encode() for _, region in items]
     inputs = {"image": image, "png": png_bytes(image), "built": built, "masks": masks, "prompts": items,

@@ -57,20 +57,20 @@ def _app(ctx: Context, inputs: dict[str, Any], ls_base: str):
 def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
     """Each step of a click on its own, through the public functions the service composes."""
     from fastsam_backend.prompts import parse_context
+    from fastsam_backend.protocol import decode_predict
     from fastsam_backend.rle import encode_rle
     from fastsam_backend.selection import select_by_box, select_by_points, smooth_mask
-    from fastsam_backend.server import _PREDICT_DECODER
 
     rule, morphology = service.settings.point_rule, service.settings.morphology
     parse, lookup, select, morph, rle, dump = [], [], [], [], [], []
     for body in bodies:
-        t, data = timed(lambda body=body: _PREDICT_DECODER.decode(body))  # as the server parses it
+        t, data = timed(lambda body=body: decode_predict(body))  # as the server parses it
         parse.append(t)
         t, found = timed(lambda data=data: service.masks_for(data.tasks[0].data["image"]))
         lookup.append(t)
         masks = getattr(found, "masks", found)  # ImageMasks (or a bare MaskSet)
         h, w = masks.image_size
-        prompts = parse_context(data.params["context"])
+        prompts = parse_context(data.context)
         points = np.array([p.in_pixels(w, h) for p in prompts.points], dtype=np.int64).reshape(-1, 2)
         positive = np.ones(len(points), dtype=bool)
         if prompts.boxes:
@@ -108,10 +108,10 @@ def _json_parsers(body: bytes, reps: int = 5) -> dict[str, Any]:
             continue
         loads = module.decode if name == "msgspec.json" else module.loads
         out[name] = stats_ms([timed(lambda loads=loads: loads(body))[0] for _ in range(reps)])
-    from fastsam_backend.server import _PREDICT_DECODER
+    from fastsam_backend.protocol import decode_predict
 
     out["msgspec.json, typed (the server's: skips task annotations)"] = stats_ms(
-        [timed(lambda: _PREDICT_DECODER.decode(body))[0] for _ in range(reps)])
+        [timed(lambda: decode_predict(body))[0] for _ in range(reps)])
     data = json.loads(body)
     for task in data["tasks"]:
         task["annotations"], task["predictions"] = [], []

@@ -1,62 +1,26 @@
-"""Byte caches for encoded mask sets, and ``MaskStore``: codec + cache + single-flight.
+"""Byte caches: opaque ``bytes`` under string keys, embedded (in-process LRU) or Redis.
 
-The caches store opaque ``bytes`` under string keys and know nothing of prompts or
-HTTP. ``MaskCache`` implementations never raise on backend failures: a broken Redis
-degrades to misses and no-op writes (a WARNING once per outage, INFO on recovery).
-
-``MaskStore.get_or_compute`` answers from, in order: a small in-process LRU of decoded
-entries, the byte cache, or ``compute()`` -- run once per key across threads of this
-process (single-flight) and, with Redis, at most once at a time across processes
-(best-effort ``SET NX PX`` lock; other processes poll for the result).
+They know nothing of prompts, HTTP or what the bytes hold (``store.MaskStore`` does).
+``MaskCache`` implementations never raise on backend failures: a broken Redis degrades to
+misses and no-op writes (a WARNING once per outage, INFO on recovery).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future
-from enum import Enum
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-
-from .codec import SCHEMA_VERSION, CorruptEntry, decode_entry, encode_entry
-from .masks import MaskSet
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-Entry = tuple[MaskSet, dict[str, np.ndarray]]
-
-
-def cache_key(image_digest: str, model_id: str, params: Mapping[str, object]) -> str:
-    """Stable key for the masks of one image under one model and inference parameters.
-
-    Includes the codec schema version, so a format change never reads old entries.
-    ``params`` is canonicalized (sorted keys, enums by value) and hashed with ``model_id``.
-    """
-    canon = json.dumps(
-        [model_id, {str(k): params[k] for k in sorted(params, key=str)}],
-        sort_keys=True, separators=(",", ":"), default=_json_default,
-    )  # fmt: skip
-    digest = hashlib.sha256(canon.encode()).hexdigest()[:16]
-    model = re.sub(r"[^A-Za-z0-9._-]", "_", model_id.rsplit("/", 1)[-1])[:48]
-    return f"masks:v{SCHEMA_VERSION}:{model}:{digest}:{image_digest}"
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
 
 
 @runtime_checkable
@@ -219,154 +183,8 @@ class RedisCache:
             return {"backend": "redis", "url": self.url, "available": not self._down, **self._counts}
 
 
-def make_cache(settings: Any) -> MaskCache:
+def make_cache(settings: Settings) -> MaskCache:
     """``RedisCache`` when ``settings.redis_url`` is set, else an ``EmbeddedCache``."""
     if settings.redis_url:
         return RedisCache(settings.redis_url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s)
     return EmbeddedCache(settings.cache_max_bytes, settings.cache_ttl_s)
-
-
-class MaskStore:
-    """Decoded-entry LRU + byte cache + single-flight computation.
-
-    Returned ``MaskSet``s and extras are shared between callers: treat them as read-only
-    (decoded arrays are marked read-only).
-    """
-
-    def __init__(self, cache: MaskCache, *, memory_entries: int = 8, lock_ttl_s: float = 60.0,
-                 lock_wait_s: float = 60.0, poll_s: tuple[float, float] = (0.02, 0.25)):  # fmt: skip
-        self.cache = cache
-        self.memory_entries, self.lock_ttl_s, self.lock_wait_s, self.poll_s = (
-            memory_entries, lock_ttl_s, lock_wait_s, poll_s)  # fmt: skip
-        self._locking = cache if isinstance(cache, LockingCache) else None
-        self._memory: OrderedDict[str, Entry] = OrderedDict()
-        self._inflight: dict[str, Future] = {}
-        self._corrupt_seen: set[str] = set()
-        self._mu = threading.Lock()
-        self._counts = {"memory_hits": 0, "cache_hits": 0, "computes": 0, "coalesced": 0, "corrupt": 0,
-                        "lock_waits": 0}  # fmt: skip
-
-    def get_or_compute(self, key: str, compute: Callable[[], tuple[MaskSet, Mapping | None]]
-                       ) -> tuple[MaskSet, dict[str, np.ndarray], bool]:  # fmt: skip
-        """``(masks, extras, was_hit)``; ``was_hit`` is False only for the call that ran ``compute``.
-
-        Concurrent callers for the same key share one computation; its exception is
-        raised to all of them, and the next call for the key tries again.
-        """
-        with self._mu:
-            entry = self._memory.get(key)
-            if entry is not None:
-                self._memory.move_to_end(key)
-                self._counts["memory_hits"] += 1
-                return entry[0], entry[1], True
-            fut = self._inflight.get(key)
-            leader = fut is None
-            if leader:
-                fut = self._inflight[key] = Future()
-            else:
-                self._counts["coalesced"] += 1
-        if not leader:
-            ms, extras, _ = fut.result()
-            return ms, extras, True
-        try:
-            result = self._load_or_compute(key, compute)
-            fut.set_result(result)
-            return result
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            with self._mu:
-                self._inflight.pop(key, None)
-
-    def peek(self, key: str) -> tuple[MaskSet, dict[str, np.ndarray]] | None:
-        """The entry if it is in memory or in the cache; never computes."""
-        with self._mu:
-            entry = self._memory.get(key)
-            if entry is not None:
-                self._memory.move_to_end(key)
-                self._counts["memory_hits"] += 1
-                return entry
-        entry = self._load(key)
-        if entry is None:
-            return None
-        ms, extras, _ = self._remember(key, entry, True)
-        return ms, extras
-
-    def _load_or_compute(self, key: str, compute: Callable[[], tuple[MaskSet, Mapping | None]]):
-        entry = self._load(key)
-        if entry is not None:
-            return self._remember(key, entry, True)
-        token = None
-        if self._locking is not None:
-            token, entry = self._lock_or_wait(key)
-            if entry is not None:
-                if token is not None:
-                    self._locking.release(key, token)
-                return self._remember(key, entry, True)
-        try:
-            ms, extras = compute()
-            extras = dict(extras or {})
-            self.cache.put(key, encode_entry(ms, extras))
-            with self._mu:
-                self._counts["computes"] += 1
-                self._corrupt_seen.discard(key)
-        finally:
-            if token is not None:
-                self._locking.release(key, token)
-        return self._remember(key, (ms, extras), False)
-
-    def _lock_or_wait(self, key: str) -> tuple[str | None, Entry | None]:
-        """Take the cross-process lock, or poll until its holder stores the entry (bounded)."""
-        deadline = time.monotonic() + self.lock_wait_s
-        delay, waited = self.poll_s[0], False
-        while True:
-            token = self._locking.acquire(key, self.lock_ttl_s)
-            if token is not None:  # ours: re-check, a holder may have finished just before
-                return token, (self._load(key) if waited else None)
-            if not waited:
-                waited = True
-                with self._mu:
-                    self._counts["lock_waits"] += 1
-            if time.monotonic() >= deadline:
-                log.warning("waited %.1f s for another worker to compute %s; computing here",
-                            self.lock_wait_s, key)  # fmt: skip
-                return None, None
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 1.5, self.poll_s[1])
-            entry = self._load(key)
-            if entry is not None:
-                return None, entry
-
-    def _load(self, key: str) -> Entry | None:
-        data = self.cache.get(key)
-        if data is None:
-            return None
-        try:
-            return decode_entry(data)
-        except CorruptEntry as exc:
-            with self._mu:
-                first = key not in self._corrupt_seen
-                if first:
-                    self._counts["corrupt"] += 1
-                    if len(self._corrupt_seen) > 1024:
-                        self._corrupt_seen.clear()
-                    self._corrupt_seen.add(key)
-            if first:  # once per key, not per poll while another worker recomputes it
-                log.warning("corrupt cache entry %s (%s); recomputing and overwriting it", key, exc)
-            return None
-
-    def _remember(self, key: str, entry: Entry, hit: bool) -> tuple[MaskSet, dict[str, np.ndarray], bool]:
-        with self._mu:
-            if hit:
-                self._counts["cache_hits"] += 1
-            if self.memory_entries > 0:
-                self._memory[key] = entry
-                self._memory.move_to_end(key)
-                while len(self._memory) > self.memory_entries:
-                    self._memory.popitem(last=False)
-        return entry[0], entry[1], hit
-
-    def stats(self) -> dict:
-        with self._mu:
-            return {**self._counts, "memory_entries": len(self._memory), "cache": self.cache.stats()}

@@ -1,4 +1,7 @@
-"""``fastsam-backend`` / ``python -m fastsam_backend``: serve, bench, quality."""
+"""``fastsam-backend`` / ``python -m fastsam_backend``: serve, quality, export-onnx.
+
+The benchmarks live in the repository (``python -m bench`` from a checkout), not in the wheel.
+"""
 
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     import json
 
     from .errors import ModelUnavailable
-    from .evaluation import compare_point_rules, evaluate, held_out_seeds
+    from .quality.evaluation import compare_point_rules, evaluate, held_out_seeds
     from .service import build_service
 
     overrides = {k: v for k, v in {"fastsam_weights": weights, "imgsz": imgsz}.items() if v is not None}
@@ -116,33 +119,6 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
-
-
-@main.command()
-@click.option("--quick", "mode", flag_value="quick", help="fewer repetitions: under 5 minutes on 2 cores")
-@click.option("--smoke", "mode", flag_value="smoke", help="tiny sizes, for the test-suite (< 60 s)")
-@click.option("--full", "mode", flag_value="full", default=True, help="more repetitions and sizes (default)")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="JSON output [default bench/results/latest.json]")
-@click.option("--only", multiple=True, help="run only this section (repeatable): cold, warm, rle, cache, "
-              "throughput, onnx")
-def bench(mode: str, out: str | None, only: tuple[str, ...]) -> None:
-    """Benchmark (cold, warm click, RLE, cache, throughput, ONNX) as ratios; prints a table, writes JSON."""
-    from pathlib import Path
-
-    try:
-        import bench as bench_pkg  # the repository's bench/ package (not installed with the wheel)
-    except ImportError:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import bench as bench_pkg
-    from bench.report import render
-
-    _configure_logging("WARNING")
-    unknown = set(only) - set(bench_pkg.SECTIONS)
-    if unknown:
-        raise click.BadParameter(f"unknown section(s) {sorted(unknown)}; choose from {bench_pkg.SECTIONS}")
-    result = bench_pkg.run_bench(mode, Path(out) if out else None, tuple(only) or bench_pkg.SECTIONS)
-    click.echo(render(result))
 
 
 @main.command("export-onnx")

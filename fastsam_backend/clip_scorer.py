@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -19,6 +19,9 @@ from PIL import Image
 from .digest import file_digest
 from .errors import ModelUnavailable
 from .masks import MaskSet
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ class ClipConfig:
     allow_download: bool = True  # let open_clip fetch a pretrained tag it has not cached
 
     @classmethod
-    def from_settings(cls, settings: Any) -> ClipConfig:
+    def from_settings(cls, settings: Settings) -> ClipConfig:
         return cls(settings.open_clip_model, settings.open_clip_pretrained, settings.device,
                    settings.clip_enabled, settings.clip_min_mask_area, settings.allow_download)
 
@@ -120,27 +123,31 @@ class ClipScorer:
                 self._error = exc.message
                 raise
 
+    def _check_loadable(self) -> None:
+        """Fail fast, before importing torch, on what a file check can tell (the setting to change)."""
+        cfg = self.config
+        if cfg.model.endswith(".json") and not Path(cfg.model).is_file():
+            raise ModelUnavailable(f"open_clip model config '{cfg.model}' not found (OPEN_CLIP_MODEL)")
+        pretrained = cfg.pretrained
+        if Path(pretrained).suffix and not Path(pretrained).is_file():
+            raise ModelUnavailable(f"CLIP checkpoint '{pretrained}' not found (OPEN_CLIP_PRETRAINED)")
+        if not Path(pretrained).suffix and pretrained and not cfg.allow_download:
+            raise ModelUnavailable(
+                f"CLIP weights '{cfg.model}/{pretrained}' would have to be downloaded, and downloads are off "
+                "(FASTSAM_ALLOW_DOWNLOAD=false): set OPEN_CLIP_PRETRAINED to a local checkpoint file"
+            )
+
     def _load(self) -> None:
+        self._check_loadable()
         import open_clip
         import torch
 
         cfg = self.config
         name = cfg.model
         if name.endswith(".json"):
-            path = Path(name)
-            if not path.is_file():
-                raise ModelUnavailable(f"open_clip model config '{name}' not found (OPEN_CLIP_MODEL)")
-            open_clip.add_model_config(path)
-            name = path.stem
+            open_clip.add_model_config(Path(name))
+            name = Path(name).stem
         pretrained = cfg.pretrained
-        is_file = bool(Path(pretrained).suffix)
-        if is_file and not Path(pretrained).is_file():
-            raise ModelUnavailable(f"CLIP checkpoint '{pretrained}' not found (OPEN_CLIP_PRETRAINED)")
-        if not is_file and pretrained and not cfg.allow_download:
-            raise ModelUnavailable(
-                f"CLIP weights '{name}/{pretrained}' would have to be downloaded, and downloads are off "
-                "(FASTSAM_ALLOW_DOWNLOAD=false): set OPEN_CLIP_PRETRAINED to a local checkpoint file"
-            )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
             tokenizer = open_clip.get_tokenizer(name)

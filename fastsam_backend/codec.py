@@ -42,6 +42,8 @@ MAX_EXTRAS = 255
 MAX_EXTRA_NDIM = 8
 
 _HEADER = struct.Struct("<4sBBHIIIII")
+ARRAYS_MAGIC = b"FSAR"
+_ARRAYS_HEADER = struct.Struct("<4sBBHI")  # magic | version | flags (0) | n_arrays | crc32
 _CRC_OFFSET = _HEADER.size - 4
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,63}")
 
@@ -208,3 +210,46 @@ def _decode_extra(buf: memoryview, off: int) -> tuple[str, np.ndarray, int]:
         arr = np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape).copy()
     arr.flags.writeable = False
     return name, arr, off + nbytes
+
+
+# --------------------------------------------------------------------------- named arrays alone
+def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named numeric arrays without a mask set (e.g. ``(N, D)`` CLIP crop embeddings), same rules
+    as the extras of ``encode_entry``: ``b"FSAR" | version u8 | 0 u8 | n u16 | crc32 u32 | extras``."""
+    blobs = [_encode_extra(name, arr) for name, arr in arrays.items()]
+    if len(blobs) > MAX_EXTRAS:
+        raise ValueError(f"at most {MAX_EXTRAS} arrays, got {len(blobs)}")
+    header = _ARRAYS_HEADER.pack(ARRAYS_MAGIC, SCHEMA_VERSION, 0, len(blobs), 0)
+    body = b"".join(blobs)
+    crc = zlib.crc32(body, zlib.crc32(header))
+    return header[:-4] + struct.pack("<I", crc) + body
+
+
+def decode_arrays(data: bytes | bytearray | memoryview) -> dict[str, np.ndarray]:
+    """Parse ``encode_arrays``' output; raises ``CorruptEntry`` and nothing else on bad input."""
+    try:
+        buf = memoryview(data).cast("B")
+    except TypeError as exc:
+        raise CorruptEntry(f"not a bytes-like object: {type(data).__name__}") from exc
+    if len(buf) < _ARRAYS_HEADER.size:
+        raise CorruptEntry(f"truncated: {len(buf)} bytes, header needs {_ARRAYS_HEADER.size}")
+    magic, version, flags, n, crc = _ARRAYS_HEADER.unpack_from(buf)
+    if magic != ARRAYS_MAGIC or version != SCHEMA_VERSION or flags != 0:
+        raise CorruptEntry(f"not an arrays entry of schema {SCHEMA_VERSION}: {bytes(magic)!r} v{version}")
+    if zlib.crc32(buf[_ARRAYS_HEADER.size :], zlib.crc32(bytes(buf[: _ARRAYS_HEADER.size - 4]) + b"\0" * 4)) != crc:
+        raise CorruptEntry("checksum mismatch")
+    arrays: dict[str, np.ndarray] = {}
+    off = _ARRAYS_HEADER.size
+    try:
+        for _ in range(n):
+            name, arr, off = _decode_extra(buf, off)
+            if name in arrays:
+                raise CorruptEntry(f"duplicate array {name!r}")
+            arrays[name] = arr
+    except (ValueError, struct.error, UnicodeDecodeError, IndexError) as exc:
+        if isinstance(exc, CorruptEntry):
+            raise
+        raise CorruptEntry(f"invalid arrays entry: {exc}") from exc
+    if off != len(buf):
+        raise CorruptEntry(f"{len(buf) - off} trailing bytes")
+    return arrays

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .boxmasks import decode_box_masks
 from .digest import file_digest
 from .errors import ModelUnavailable
 from .masks import MaskSet
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class SegmenterConfig:
     torch_threads: int = 0  # CPU threads for inference in this process; 0 = leave torch's default
 
     @classmethod
-    def from_settings(cls, settings: Any) -> SegmenterConfig:
+    def from_settings(cls, settings: Settings) -> SegmenterConfig:
         return cls(
             weights=settings.fastsam_weights,
             model_dir=Path(settings.model_dir),
@@ -117,6 +120,10 @@ class Segmenter:
     @property
     def error(self) -> str | None:
         return self._error[1] if self._error else None
+
+    def missing_message(self) -> str:
+        """What to do about weights that are not there (for /health and 503s)."""
+        return missing_weights_message(self.config.weights, self.config.model_dir)
 
     def weights_available(self) -> bool:
         return resolve_weights(self.config.weights, self.config.model_dir) is not None or (

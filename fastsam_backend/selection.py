@@ -356,3 +356,43 @@ def select_by_text(
         return [best]
     chosen = np.flatnonzero(sims >= sims[best] - margin)
     return [int(i) for i in chosen[np.argsort(-sims[chosen], kind="stable")]]
+
+
+def text_candidates(masks: MaskSet, boxes: list[tuple[int, int, int, int]], points: np.ndarray,
+                    positive: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: the masks a text prompt may pick, given the other prompts drawn with it.
+
+    A box keeps the masks lying mostly (≥ half their area) inside it; a foreground click keeps
+    the masks under it, a background click the masks not under it.
+    """
+    candidates = np.ones(len(masks), dtype=bool)
+    for box in boxes:
+        candidates &= masks.box_intersections(box) >= 0.5 * masks.areas
+    for (x, y), pos in zip(_as_points(points), np.asarray(positive, dtype=bool).reshape(-1)):
+        covers = masks.contains(int(x), int(y))
+        candidates &= covers if pos else ~covers
+    return candidates
+
+
+def select_by_text_prompt(masks: MaskSet, similarities: np.ndarray, candidates: np.ndarray | None = None, *,
+                          several: bool = False, margin: float = 0.02) -> Selection | None:
+    """``select_by_text``'s pick as one merged region, or None when nothing may be picked."""
+    picked = select_by_text(similarities, candidates, several=several, margin=margin)
+    if not picked:
+        return None
+    return Selection(masks[picked].union(), float(np.mean(masks.scores[picked])), tuple(picked),
+                     masks.union_box(picked))
+
+
+def preannotation_order(masks: MaskSet, *, min_area: float, min_score: float, max_instances: int) -> list[int]:
+    """Indices of the instances pre-annotation keeps, highest score first.
+
+    Args:
+        min_area: fraction of the image below which an instance is dropped.
+        min_score: confidence below which an instance is dropped.
+        max_instances: at most this many (the best ones).
+    """
+    h, w = masks.image_size
+    keep = (masks.areas >= min_area * h * w) & (masks.scores >= min_score)
+    order = [int(i) for i in np.argsort(-masks.scores, kind="stable") if keep[i]]
+    return order[:max_instances]

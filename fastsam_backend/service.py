@@ -7,7 +7,6 @@ serialise inference, the store single-flights cold images).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -17,19 +16,29 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .cache import MaskStore, cache_key, make_cache
+from .cache import make_cache
 from .clip_scorer import ClipConfig, ClipScorer
 from .errors import BackendError, BadRequest, ImageError, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
-from .labelconfig import LabelConfig, parse_label_config
-from .labeling import LabelPhrases, label_named_in, zero_shot
+from .labelconfig import LabelConfig, OutputTag, parse_label_config
 from .masks import MaskSet
 from .options import ProjectOptions
 from .prompts import Prompts, parse_context
-from .results import brush_region, regions_for
-from .segmenter import Segmenter, SegmenterConfig, missing_weights_message
-from .selection import Selection, names_several, select_by_box, select_by_points, select_by_text
+from .protocol import PredictRequest, SetupRequest, Task
+from .regions import brush_region, regions_for
+from .segmenter import Segmenter, SegmenterConfig
+from .selection import (
+    Selection,
+    names_several,
+    preannotation_order,
+    select_by_box,
+    select_by_points,
+    select_by_text_prompt,
+    text_candidates,
+)
 from .settings import LabelMode, Settings
+from .store import ImageKey, MaskStore
+from .zero_shot import LabelChoice, LabelPhrases, choose_labels, label_named_in
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +48,7 @@ class ImageMasks:
     """The cached masks of one task image, and the image itself once it had to be fetched."""
 
     url: str
-    digest: str
+    key: ImageKey
     masks: MaskSet
     image: LoadedImage | None = None
 
@@ -71,16 +80,13 @@ class FastSAMService:
             version += f"+{self.clip.identity}"  # zero-shot labels depend on it
         return version
 
-    def setup(self, project: str | None, hostname: str | None = None, access_token: str | None = None,
-              extra_params: Any = None, schema: str | None = None) -> str:
+    def setup(self, request: SetupRequest) -> str:
         """Remember LS's host/token as image-download fallback and the project's overrides; no model load."""
-        self.images.set_fallback(hostname, access_token)
-        if extra_params is not None and not isinstance(extra_params, dict):
-            raise BadRequest("extra_params must be an object or null")
-        options = self._defaults.with_overrides(extra_params, schema)
-        if project:
+        self.images.set_fallback(request.hostname, request.access_token)
+        options = self._defaults.with_overrides(request.extra_params, request.schema)
+        if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:
-                self._projects[project_id(project)] = options
+                self._projects[project] = options
         return self.model_version
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -89,8 +95,7 @@ class FastSAMService:
         return {"trained": False, "reason": "FastSAM is used zero-shot; annotations do not change it"}
 
     def segmenter_missing_message(self) -> str:
-        cfg = self.segmenter.config
-        return missing_weights_message(cfg.weights, cfg.model_dir)
+        return self.segmenter.missing_message()
 
     def options_for(self, project: str | None) -> ProjectOptions:
         with self._lock:
@@ -98,8 +103,7 @@ class FastSAMService:
         return found or self._defaults
 
     # --------------------------------------------------------------- predict
-    def predict(self, tasks: list[dict[str, Any]], context: Any, label_config: str | None,
-                project: str | None = None) -> list[dict[str, Any]]:
+    def predict(self, request: PredictRequest) -> list[dict[str, Any]]:
         """One prediction per task: ``{"result": [...], "score": float, "model_version": str}``.
 
         A batch of several tasks (pre-annotation) never loses the predictions it made. A task
@@ -110,12 +114,11 @@ class FastSAMService:
         skips the tasks that have a prediction of this model version). A single task, an
         interactive request, or a batch where every task fails is answered with the error (4xx).
         """
-        if not isinstance(tasks, list) or not tasks:
-            raise BadRequest("tasks must be a non-empty list")
-        options = self.options_for(project)
-        config = parse_label_config(label_config or options.label_config)
-        prompts = parse_context(context)
-        interactive = context is not None
+        tasks = request.tasks
+        options = self.options_for(request.project_id)
+        config = parse_label_config(request.label_config or options.label_config)
+        interactive = request.context is not None
+        prompts = parse_context(request.context)
         if interactive and config.brush is None:
             raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
         if interactive or len(tasks) == 1:
@@ -152,12 +155,12 @@ class FastSAMService:
             raise type(first_failure)(message, status=first_failure.status) from first_failure
         return predictions
 
-    def _predict_task(self, task: Any, index: int, config: LabelConfig, prompts: Prompts | None,
+    def _predict_task(self, task: Task, index: int, config: LabelConfig, prompts: Prompts | None,
                       options: ProjectOptions) -> dict[str, Any]:
         """``prompts`` None: pre-annotation (no context)."""
         found = self.masks_for(task_image_url(task, config, index))
         if prompts is not None:
-            result = self._answer_prompts(found, prompts, config, options, task.get("id"))
+            result = self._answer_prompts(found, prompts, config, options, task.id)
         else:
             result = self._pre_annotate(found, config, options)
         scores = [r["score"] for r in result if "score" in r]
@@ -166,45 +169,42 @@ class FastSAMService:
 
     def masks_for(self, image_url: str) -> ImageMasks:
         """All-instance masks of the image at ``image_url``: from the cache, else segmented once."""
-        params = self.settings.inference_params()
-        url_key = _url_key(image_url)
-        if self.settings.remember_image_urls and (digest := self.store.cache.get(url_key)) is not None:
-            entry = self.store.peek(cache_key(digest.decode(), self.segmenter.identity, params))
-            if entry is not None:
+        model_id, params = self.segmenter.identity, self.settings.inference_params()
+        remember = self.settings.remember_image_urls
+        if remember and (digest := self.store.digest_for_url(image_url)) is not None:
+            key = ImageKey(digest, model_id, params)
+            if (masks := self.store.peek_masks(key)) is not None:
                 metrics.CACHE_LOOKUPS.labels(result="hit").inc()
-                return ImageMasks(image_url, digest.decode(), entry[0])
+                return ImageMasks(image_url, key, masks)
         if not self.segmenter.loaded and not self.segmenter.weights_available():
             raise ModelUnavailable(self.segmenter_missing_message())  # before downloading anything
         image = self.images.load(image_url)
-        if self.settings.remember_image_urls:
-            self.store.cache.put(url_key, image.digest.encode())
+        if remember:
+            self.store.remember_url(image_url, image.digest)
 
-        def compute() -> tuple[MaskSet, dict]:
+        def compute() -> MaskSet:
             started = time.perf_counter()
             masks = self.segmenter.segment(image.pixels)
             elapsed = time.perf_counter() - started
             metrics.SEGMENT_SECONDS.observe(elapsed)
             log.info("segmented %dx%d image: %d instances in %.0f ms",
                      image.size[1], image.size[0], len(masks), 1000 * elapsed)
-            return masks, {}
+            return masks
 
-        masks, _, hit = self.store.get_or_compute(cache_key(image.digest, self.segmenter.identity, params), compute)
+        key = ImageKey(image.digest, model_id, params)
+        masks, hit = self.store.masks(key, compute)
         metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-        return ImageMasks(image_url, image.digest, masks, image)
+        return ImageMasks(image_url, key, masks, image)
 
     def crop_embeddings(self, found: ImageMasks) -> np.ndarray:
         """``(N, D)`` CLIP embeddings of the masks' crops, cached beside the masks."""
         clip = self._require_clip()
-        model_id = f"{self.segmenter.identity}|{clip.identity}"
-        key = cache_key(found.digest, model_id, self.settings.inference_params())
 
-        def compute() -> tuple[MaskSet, dict]:
-            image = found.image or self.images.load(found.url)
-            found.image = image
-            return MaskSet.empty(found.masks.image_size), {"clip": clip.embed_masks(image.pixels, found.masks)}
+        def compute() -> np.ndarray:
+            found.image = found.image or self.images.load(found.url)
+            return clip.embed_masks(found.image.pixels, found.masks)
 
-        _, extras, _ = self.store.get_or_compute(key, compute)
-        return extras["clip"]
+        return self.store.embeddings(found.key, clip.identity, compute)
 
     def _require_clip(self) -> ClipScorer:
         if self.clip is None or not self.settings.clip_enabled:
@@ -262,56 +262,42 @@ class FastSAMService:
         embeddings = self.crop_embeddings(found).astype(np.float32)
         sims = embeddings @ self.phrase_embeddings((text,))[0]
         sims[~embeddings.any(axis=1)] = -np.inf  # too small to score
-        candidates = np.ones(len(masks), dtype=bool)
         h, w = masks.image_size
-        for box in prompts.boxes:  # text with a box: masks whose box lies mostly inside it
-            x0, y0, x1, y1 = box.in_pixels(w, h)
-            candidates &= masks.box_intersections((x0, y0, x1, y1)) >= 0.5 * masks.areas
-        for (x, y), pos in zip(points, positive):  # text with clicks: masks under the clicks
-            covers = masks.contains(int(x), int(y))
-            candidates &= covers if pos else ~covers
-        picked = select_by_text(sims, candidates, several=names_several(text), margin=options.text_margin)
-        if not picked:
-            return None
-        union = masks[picked].union()
-        return Selection(union, float(np.mean(masks.scores[picked])), tuple(picked), masks.union_box(picked))
+        candidates = text_candidates(masks, [box.in_pixels(w, h) for box in prompts.boxes], points, positive)
+        return select_by_text_prompt(masks, sims, candidates, several=names_several(text), margin=options.text_margin)
 
     def _pre_annotate(self, found: ImageMasks, config: LabelConfig, options: ProjectOptions) -> list[dict]:
         """Prompt-less pre-annotation: every instance worth keeping, labelled, highest score first."""
         masks = found.masks
-        h, w = masks.image_size
-        keep = (masks.areas >= options.preannotate_min_area * h * w) & (masks.scores >= options.preannotate_min_score)
-        order = [int(i) for i in np.argsort(-masks.scores, kind="stable") if keep[i]]
-        order = order[: options.preannotate_max_instances]
+        order = preannotation_order(masks, min_area=options.preannotate_min_area,
+                                    min_score=options.preannotate_min_score,
+                                    max_instances=options.preannotate_max_instances)
         targets = config.pre_annotation_targets()
-        labels_per_tag = {tag.from_name: self._instance_labels(found, order, tag, options) for tag in targets}
+        choices = {tag.from_name: self._instance_labels(found, order, tag, options) for tag in targets}
         result: list[dict[str, Any]] = []
         for rank, i in enumerate(order):
             mask = masks.mask(i)
             for tag in targets:
-                label = labels_per_tag[tag.from_name][rank]
-                if label is not False:  # False: CLIP could not place it and there is no default label
-                    result.extend(regions_for(tag, mask, label, float(masks.scores[i]), masks.union_box([i])))
+                choice = choices[tag.from_name]
+                if choice.keep[rank]:
+                    result.extend(regions_for(tag, mask, choice.labels[rank], float(masks.scores[i]),
+                                              masks.union_box([i])))
         return result
 
-    def _instance_labels(self, found: ImageMasks, order: list[int], tag: Any,
-                         options: ProjectOptions) -> list[str | bool | None]:
-        """Per kept instance its label; False = drop the instance."""
+    def _instance_labels(self, found: ImageMasks, order: list[int], tag: OutputTag,
+                         options: ProjectOptions) -> LabelChoice:
+        """Per kept instance its label, by the project's label mode."""
         first = tag.labels[0] if tag.labels else None
         mode = options.label_mode
         if mode is LabelMode.CLIP and tag.labels and order and not self._clip_usable():
             mode = LabelMode.FIRST
         if mode is LabelMode.NONE:
-            return [None] * len(order)
+            return LabelChoice.uniform(None, len(order))
         if mode is LabelMode.FIRST or not tag.labels or not order:
-            return [first] * len(order)
+            return LabelChoice.uniform(first, len(order))
         phrases = LabelPhrases.of(tag)
-        embeddings = self.crop_embeddings(found)[order]
-        labels, sims = zero_shot(embeddings, self.phrase_embeddings(phrases.phrases), phrases.owner,
-                                 len(phrases.labels))
-        placed = embeddings.any(axis=1) & (sims >= options.label_min_similarity)
-        fallback = options.default_label or False
-        return [phrases.labels[int(lab)] if ok else fallback for lab, ok in zip(labels, placed)]
+        return choose_labels(self.crop_embeddings(found)[order], self.phrase_embeddings(phrases.phrases), phrases,
+                             min_similarity=options.label_min_similarity, default_label=options.default_label)
 
     def _clip_usable(self) -> bool:
         """CLIP for zero-shot labels; without it pre-annotation still works (first label), said once."""
@@ -325,12 +311,8 @@ class FastSAMService:
             return False
 
 
-def _task_name(task: Any, index: int) -> str:
-    return f"tasks[{index}] (id {task.get('id') if isinstance(task, dict) else None})"
-
-
-def _url_key(url: str) -> str:
-    return "url:v1:" + hashlib.sha256(url.encode()).hexdigest()
+def _task_name(task: Task, index: int) -> str:
+    return f"tasks[{index}] (id {task.id})"
 
 
 def project_id(project: str | None) -> str:
@@ -338,22 +320,21 @@ def project_id(project: str | None) -> str:
     return (project or "").split(".", 1)[0]
 
 
-def task_image_url(task: Any, config: LabelConfig, index: int) -> str:
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        raise BadRequest(f"tasks[{index}].data must be an object")
-    url = task["data"].get(config.image_key)
+def task_image_url(task: Task, config: LabelConfig, index: int) -> str:
+    url = task.data.get(config.image_key)
     if not isinstance(url, str) or not url.strip():
         raise BadRequest(f"tasks[{index}].data.{config.image_key} must be the image URL "
                          f"(the <Image value=\"${config.image_key}\"> of the label config)")
     return url
 
 
-def build_service(settings: Settings) -> FastSAMService:
-    """Wire the stages from settings. Models load on first use; the weight files are digested
-    here (``model_version``), so the first /health, which LS waits 1 s for, does not hash them."""
+def build_service(settings: Settings, segmenter: Segmenter | None = None) -> FastSAMService:
+    """Wire the stages from settings (tests may pass their own segmenter). Models load on first
+    use; the weight files are digested here (``model_version``), so the first /health, which LS
+    waits 1 s for, does not hash them."""
     service = FastSAMService(
         settings=settings,
-        segmenter=Segmenter(SegmenterConfig.from_settings(settings)),
+        segmenter=segmenter or Segmenter(SegmenterConfig.from_settings(settings)),
         store=MaskStore(make_cache(settings)),
         images=ImageLoader(ImageSourceConfig.from_settings(settings)),
         clip=ClipScorer(ClipConfig.from_settings(settings)) if settings.clip_enabled else None,

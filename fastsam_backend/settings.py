@@ -1,7 +1,13 @@
 """All configuration, read from the environment once (see the README's table).
 
 Nothing else in the package reads ``os.environ``: the app factory builds one
-``Settings`` and hands the parts down.
+``Settings`` and hands the parts down, typed. Two documented exceptions are other libraries'
+own variables, which those libraries read from the environment themselves:
+
+- ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client): ``serve`` sets it before forking several
+  workers, and ``metrics.render`` asks whether it is set, as prometheus_client does;
+- ``YOLO_AUTOINSTALL`` / ``YOLO_OFFLINE`` (ultralytics): the segmenter sets defaults before it
+  imports ultralytics, which reads them at import.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsam_backend.scenes import generate_scene  # noqa: E402
+from fastsam_backend.quality.net import free_port  # noqa: E402
+from fastsam_backend.quality.scenes import generate_scene  # noqa: E402
 from tests.helpers import LABEL_CONFIG, interior_point, png_bytes  # noqa: E402
 
 SCENE_SEED = 1_000_003
@@ -56,12 +56,6 @@ SECRET_KEYS = {"access_token", "token", "password", "basic_auth_pass", "api_key"
 
 
 # ----------------------------------------------------------------------------- plumbing
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

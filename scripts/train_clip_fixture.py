@@ -2,7 +2,7 @@
 
 A real CLIP (ViT-B/32) cannot be downloaded on our machines, so the text-prompt
 path is tested with a tiny CLIP trained from scratch to match crops of the
-synthetic scenes (``fastsam_backend.scenes``) to captions "a {colour} {shape}"
+synthetic scenes (``fastsam_backend.quality.scenes``) to captions "a {colour} {shape}"
 (8 colours x 8 shapes = 64 classes). It is an ordinary open_clip model under a
 custom config, so the backend loads it exactly as it loads a real one::
 
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsam_backend.scenes import COLOURS, SHAPES, generate_scene  # noqa: E402
+from fastsam_backend.quality.scenes import COLOURS, SHAPES, generate_scene  # noqa: E402
 
 MODEL_NAME = "clip-shapes"
 CONFIG = {

@@ -2,7 +2,7 @@
 
 FastSAM is a one-class ("object") YOLOv8-seg. No weights can be downloaded on our
 machines, so the tests use a YOLOv8n-seg trained from scratch on the synthetic
-scenes of ``fastsam_backend.scenes`` (training seeds ``0..99_999``, validation
+scenes of ``fastsam_backend.quality.scenes`` (training seeds ``0..99_999``, validation
 ``500_000+``, held-out test ``1_000_000+``), written as a YOLO-seg data set
 whose polygon labels keep holes (``scenes.yolo_segment``: rings and objects with
 another drawn on top are learned with their holes).
@@ -69,7 +69,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsam_backend.scenes import generate_scene, yolo_segment  # noqa: E402
+from fastsam_backend.quality.scenes import generate_scene, yolo_segment  # noqa: E402
 
 TRAIN_SEED0 = 0
 VAL_SEED0 = 500_000

@@ -57,3 +57,24 @@ def make_settings(fastsam_weights, tmp_path_factory):
         return Settings(**base)
 
     return make
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fast lane (``-m "not model …"``, ``make test-fast``) must not import torch: a test that
+    does belongs to the ``model`` marker. Fails the run otherwise."""
+    import sys
+
+    if "not model" in (session.config.getoption("markexpr") or "") and "torch" in sys.modules:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            "FAST LANE: torch was imported; mark the test that loads a model with @pytest.mark.model", red=True)
+        session.exitstatus = 1
+
+
+# Test modules that import torch at module level: collected only when model tests run.
+TORCH_AT_IMPORT = {"test_boxmasks.py", "test_fixture_scripts.py"}
+
+
+def pytest_ignore_collect(collection_path, config):
+    if "not model" in (config.getoption("markexpr") or "") and collection_path.name in TORCH_AT_IMPORT:
+        return True
+    return None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -21,11 +20,13 @@ import numpy as np
 import pytest
 import redis
 
-from fastsam_backend.cache import EmbeddedCache, MaskStore, RedisCache, cache_key, make_cache
+from fastsam_backend.cache import EmbeddedCache, RedisCache, make_cache
 from fastsam_backend.codec import SCHEMA_VERSION, decode_entry, encode_entry
 from fastsam_backend.masks import MaskSet
+from fastsam_backend.quality.net import free_port
+from fastsam_backend.store import EMBEDDINGS, ImageKey, MaskStore, cache_key
 
-LOGGER = "fastsam_backend.cache"
+LOGGER = "fastsam_backend"  # the caches and the store
 
 
 def masks(seed: int = 0, n: int = 4) -> MaskSet:
@@ -173,19 +174,13 @@ def test_redis_get_put_ttl_and_lock(redis_prefix: str) -> None:
     assert forever.acquire("k", ttl_s=5) is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PrivateRedis:
     """A throwaway redis-server (no persistence, password-protected) on a free port."""
 
     password = "s3cret-pw"
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -245,7 +240,7 @@ def test_redis_outage_degrades_quietly_and_recovers(private_redis: PrivateRedis,
 
 
 def test_redis_backoff_skips_calls_while_down() -> None:
-    cache = RedisCache(f"redis://127.0.0.1:{_free_port()}/0", retry_interval_s=60)
+    cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", retry_interval_s=60)
     assert cache.get("a") is None and cache.get("a") is None
     assert cache.stats()["errors"] == 1  # second call skipped without touching the network
 
@@ -297,12 +292,12 @@ def test_single_flight_computes_once() -> None:
     def compute():
         calls.append(1)
         time.sleep(0.2)
-        return ms, {"emb": np.ones((len(ms), 3), np.float16)}
+        return ms
 
     results = _run_threads(8, lambda: store.get_or_compute("key", compute))
     assert len(calls) == 1
-    assert sorted(r[2] for r in results) == [False] + [True] * 7
-    assert all(r[0] is ms for r in results) and all(r[1]["emb"].shape == (4, 3) for r in results)
+    assert sorted(r[1] for r in results) == [False] + [True] * 7
+    assert all(r[0] is ms for r in results)
     assert store.stats()["computes"] == 1 and store.stats()["coalesced"] == 7
 
 
@@ -316,21 +311,21 @@ def test_single_flight_exception_reaches_all_then_key_is_free() -> None:
 
     results = _run_threads(8, lambda: store.get_or_compute("key", failing))
     assert len(calls) == 1 and all(isinstance(r, RuntimeError) for r in results)
-    ms, extras, hit = store.get_or_compute("key", lambda: (masks(), None))
-    assert not hit and extras == {} and len(ms) == 4
+    ms, hit = store.get_or_compute("key", masks)
+    assert not hit and len(ms) == 4
 
 
 def test_memory_lru_skips_cache_and_decoded_entries_come_from_cache() -> None:
     cache = CountingCache()
     store = MaskStore(cache, memory_entries=2)
     ms = masks()
-    assert store.get_or_compute("a", lambda: (ms, None))[2] is False
+    assert store.get_or_compute("a", lambda: ms)[1] is False
     gets = cache.gets
     assert store.get_or_compute("a", lambda: pytest.fail("recomputed"))[0] is ms
     assert cache.gets == gets  # answered from the decoded LRU
-    store.get_or_compute("b", lambda: (masks(1), None))
-    store.get_or_compute("c", lambda: (masks(2), None))  # evicts "a" from memory
-    out, _, hit = store.get_or_compute("a", lambda: pytest.fail("recomputed"))
+    store.get_or_compute("b", lambda: masks(1))
+    store.get_or_compute("c", lambda: masks(2))  # evicts "a" from memory
+    out, hit = store.get_or_compute("a", lambda: pytest.fail("recomputed"))
     assert hit and out is not ms and same(out, ms) and cache.gets == gets + 3
     fresh = MaskStore(cache)  # another process sharing the byte cache
     assert same(fresh.get_or_compute("b", lambda: pytest.fail("recomputed"))[0], masks(1))
@@ -341,16 +336,16 @@ def test_corrupt_entry_is_a_miss_and_overwritten(caplog) -> None:
     cache = CountingCache()
     cache.put("k", b"FSMS\x01garbage")
     store = MaskStore(cache)
-    ms, _, hit = store.get_or_compute("k", lambda: (masks(), None))
+    ms, hit = store.get_or_compute("k", masks)
     assert not hit and store.stats()["corrupt"] == 1
     assert "corrupt cache entry k" in caplog.text
     assert same(decode_entry(cache.get("k"))[0], ms)
 
 
 def test_dead_redis_store_just_computes() -> None:
-    store = MaskStore(RedisCache(f"redis://127.0.0.1:{_free_port()}/0"))
-    assert store.get_or_compute("k", lambda: (masks(), None))[2] is False
-    assert store.get_or_compute("k", lambda: pytest.fail("recomputed"))[2] is True
+    store = MaskStore(RedisCache(f"redis://127.0.0.1:{free_port()}/0"))
+    assert store.get_or_compute("k", masks)[1] is False
+    assert store.get_or_compute("k", lambda: pytest.fail("recomputed"))[1] is True
 
 
 def _two_processes(prefix: str, **kw) -> tuple[MaskStore, MaskStore]:
@@ -369,7 +364,7 @@ def _start_blocked_compute(store: MaskStore, ms: MaskSet, fail: bool = False):
         release.wait(10)
         if fail:
             raise RuntimeError("worker A failed")
-        return ms, {"e": np.arange(len(ms), dtype=np.float32)}
+        return ms
 
     def run():
         try:
@@ -388,10 +383,10 @@ def test_cross_process_lock_second_worker_waits_for_first(redis_prefix: str) -> 
     ms = masks()
     release, thread, out = _start_blocked_compute(store_a, ms)
     threading.Timer(0.3, release.set).start()
-    got, extras, hit = store_b.get_or_compute("img", lambda: pytest.fail("second worker recomputed"))
+    got, hit = store_b.get_or_compute("img", lambda: pytest.fail("second worker recomputed"))
     thread.join(5)
-    assert hit and same(got, ms) and extras["e"].tolist() == [0, 1, 2, 3]
-    assert out["a"][2] is False and store_b.stats()["lock_waits"] == 1
+    assert hit and same(got, ms)
+    assert out["a"][1] is False and store_b.stats()["lock_waits"] == 1
     assert not redis.Redis(port=6379).exists(redis_prefix + "lock:img")  # released
 
 
@@ -400,7 +395,7 @@ def test_cross_process_holder_failure_lets_waiter_compute(redis_prefix: str) -> 
     release, thread, out = _start_blocked_compute(store_a, masks(), fail=True)
     threading.Timer(0.2, release.set).start()
     start = time.monotonic()
-    got, _, hit = store_b.get_or_compute("img", lambda: (masks(9), None))
+    got, hit = store_b.get_or_compute("img", lambda: masks(9))
     thread.join(5)
     assert isinstance(out["a"], RuntimeError) and not hit and same(got, masks(9))
     assert time.monotonic() - start < 3  # did not sit out lock_wait_s
@@ -411,16 +406,16 @@ def test_cross_process_wait_is_bounded(redis_prefix: str, caplog) -> None:
     redis.Redis(port=6379).set(redis_prefix + "lock:img", "stale-holder", px=30_000)
     (store,) = _two_processes(redis_prefix, lock_wait_s=0.3)[:1]
     start = time.monotonic()
-    assert store.get_or_compute("img", lambda: (masks(), None))[2] is False
+    assert store.get_or_compute("img", masks)[1] is False
     assert 0.25 < time.monotonic() - start < 3 and "computing here" in caplog.text
 
 
 def test_encode_failure_propagates() -> None:
     store = MaskStore(CountingCache())
     with pytest.raises(TypeError):
-        store.get_or_compute("k", lambda: (masks(), {"bad": np.array(["x"])}))
+        store.get_or_compute("k", lambda: np.array(["x"]), EMBEDDINGS)
     assert encode_entry(masks(), None)  # sanity: the store is still usable
-    assert store.get_or_compute("k", lambda: (masks(), None))[2] is False
+    assert store.get_or_compute("k", masks)[1] is False
 
 
 class ScriptedLockCache(EmbeddedCache):
@@ -444,5 +439,32 @@ class ScriptedLockCache(EmbeddedCache):
 def test_lock_won_after_holder_finished_is_released_without_recomputing() -> None:
     cache = ScriptedLockCache(encode_entry(masks(3), None))
     store = MaskStore(cache, poll_s=(0.001, 0.001))
-    got, _, hit = store.get_or_compute("k", lambda: pytest.fail("recomputed"))
+    got, hit = store.get_or_compute("k", lambda: pytest.fail("recomputed"))
     assert hit and same(got, masks(3)) and cache.released == ["tok"]
+
+
+def test_every_kind_of_entry_has_its_own_key_and_is_shared_through_the_byte_cache() -> None:
+    cache = CountingCache()
+    image = ImageKey("ab" * 32, "fastsam-x", {"imgsz": 640})
+    store = MaskStore(cache)
+    store.remember_url("/data/upload/1/a.png", image.digest)
+    ms, hit = store.masks(image, masks)
+    emb = store.embeddings(image, "clip-y", lambda: np.arange(8, dtype=np.float16).reshape(4, 2))
+    assert not hit and emb.shape == (4, 2)
+    assert sorted(k.split(":", 1)[0] for k in cache._data) == ["emb", "masks", "url"]
+    other = MaskStore(cache)  # another replica: everything comes from the byte cache
+    assert other.digest_for_url("/data/upload/1/a.png") == image.digest
+    assert other.digest_for_url("/data/upload/1/b.png") is None
+    assert same(other.peek_masks(image), ms)
+    got = other.embeddings(image, "clip-y", lambda: pytest.fail("recomputed"))
+    assert got.tolist() == emb.tolist() and not got.flags.writeable
+    assert other.peek_masks(ImageKey(image.digest, "fastsam-x", {"imgsz": 1024})) is None
+
+
+def test_a_foreign_url_entry_is_not_trusted_as_a_digest() -> None:
+    cache = CountingCache()
+    store = MaskStore(cache)
+    store.remember_url("/a.png", "ab" * 32)
+    (key,) = cache._data
+    cache.put(key, b"../../etc/passwd")
+    assert store.digest_for_url("/a.png") is None

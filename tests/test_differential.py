@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastsam_backend.scenes import generate_scene
+from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.segmenter import masks_from_result
 from fastsam_backend.selection import box_ious, select_by_box, select_by_points
 from fastsam_backend.settings import PointRule
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 from tests.helpers import interior_point, iou
+
+pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
 
 SEEDS = [1_000_100 + i for i in range(4)]
 

@@ -1,12 +1,11 @@
 """End to end: `fastsam-backend serve` under gunicorn with real Redis, driven by the
-requests Label Studio 1.23.2 actually sent (tests/fixtures/ls-requests.json)."""
+requests Label Studio 1.23.2 actually sent (fastsam_backend/quality/ls-requests.json)."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import redis
 import requests
 from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
-from fastsam_backend.scenes import generate_scene
+from fastsam_backend.quality.net import free_port
+from fastsam_backend.quality.scenes import generate_scene
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
-from tests.helpers import captured, interior_point, keypoint_region, png_bytes
+from tests.helpers import captured, interior_point, keypoint, png_bytes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.model]
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +97,7 @@ def test_captured_ls_session_against_gunicorn(fastsam_weights, image_server, red
         body = captured("/predict", interactive=True)
         target = max(scene.objects, key=lambda o: o.mask.sum())
         x, y = interior_point(target.mask)
-        body["params"]["context"]["result"] = [keypoint_region(x, y, 320, 240)]
+        body["params"]["context"]["result"] = [keypoint(x, y, 320, 240)]
         response = requests.post(f"{base}/predict", json=body, timeout=100)
         assert response.status_code == 200, response.text
         region = response.json()["results"][0]["result"][0]

@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from fastsam_backend.clip_scorer import ClipConfig, ClipScorer
-from fastsam_backend.scenes import generate_scene
+from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.segmenter import Segmenter, SegmenterConfig
+
+pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[1]
 

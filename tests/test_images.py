@@ -490,6 +490,7 @@ def test_config_from_settings(tmp_path):
     assert config == ImageSourceConfig("http://127.0.0.1:1", LEGACY_KEY, tmp_path, False, 3.0, 10, 20)
 
 
+@pytest.mark.model  # imports ultralytics, so torch
 def test_ultralytics_pil_patch_does_not_reach_decoding():
     """Importing ultralytics (as loading the model does) swaps PIL.Image.open for a wrapper that
     tries to pip-install pi-heif on unknown bytes; our decoding must not go through it."""

@@ -6,9 +6,9 @@ from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
 from fastsam_backend.errors import BadRequest
 from fastsam_backend.labelconfig import parse_label_config
-from fastsam_backend.labeling import LabelPhrases, label_named_in, zero_shot
-from fastsam_backend.results import brush_region, mask_polygons, regions_for
+from fastsam_backend.regions import brush_region, mask_polygons, regions_for
 from fastsam_backend.selection import names_several, select_by_text
+from fastsam_backend.zero_shot import LabelPhrases, label_named_in, zero_shot
 from tests.helpers import LABEL_CONFIG, iou
 
 FULL_CONFIG = """<View>
@@ -154,7 +154,7 @@ def test_whitened_square_crop():
 def test_regions_limited_to_a_box_are_the_same_regions():
     """Selections and pre-annotation pass each mask's box so that encoding, contours and the
     tight box read only it; the regions must not change. Generated objects hit every edge."""
-    from fastsam_backend.scenes import generate_scene
+    from fastsam_backend.quality.scenes import generate_scene
 
     config = parse_label_config(FULL_CONFIG)
     tags = config.pre_annotation_targets()

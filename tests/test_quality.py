@@ -14,10 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from fastsam_backend.cli import main
-from fastsam_backend.evaluation import evaluate, held_out_seeds
+from fastsam_backend.quality.evaluation import evaluate, held_out_seeds
 from fastsam_backend.service import build_service
 from fastsam_backend.settings import PointRule
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
+
+pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
 
 SCENES = 16
 

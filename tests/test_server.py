@@ -1,4 +1,5 @@
-"""The HTTP protocol through Flask's test client, with the real fixture model."""
+"""The HTTP protocol through Flask's test client, over the scenes' ground-truth masks (the model's
+masks are judged in test_quality and through gunicorn in test_e2e_gunicorn)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
-from fastsam_backend.scenes import generate_scene
+from fastsam_backend.quality.fake import GroundTruthSegmenter
+from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.server import create_app
+from fastsam_backend.service import build_service
 from tests.conftest import FIXTURE_IMGSZ, MODELS
-from tests.helpers import LABEL_CONFIG, captured, interior_point, keypoint_region, png_bytes
+from tests.helpers import LABEL_CONFIG, captured, interior_point, keypoint, png_bytes
 
 SEED = 1_000_007
 
@@ -34,11 +37,16 @@ def served_scene(image_server, scene):
     return base, "/data/upload/1/scene.png"
 
 
+def gt_app(settings, *scenes):
+    """The app over a service whose segmenter answers with these scenes' ground truth."""
+    return create_app(settings, build_service(settings, GroundTruthSegmenter(scenes)))
+
+
 @pytest.fixture(scope="module")
-def client(make_settings, served_scene):
+def client(make_settings, served_scene, scene):
     base, _ = served_scene
-    app = create_app(make_settings(label_studio_url=base, label_studio_api_key="0123456789abcdef" * 2 + "01234567"))
-    return app.test_client()
+    settings = make_settings(label_studio_url=base, label_studio_api_key="0123456789abcdef" * 2 + "01234567")
+    return gt_app(settings, scene).test_client()
 
 
 def interactive_body(url, region):
@@ -55,7 +63,8 @@ def metric(client, name, **labels) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def test_health_and_setup_do_not_load_the_model(client, make_settings):
+def test_health_and_setup_do_not_load_the_model(make_settings):
+    client = create_app(make_settings()).test_client()  # the real segmenter, never loaded here
     health = client.get("/health")
     assert health.status_code == 200
     assert health.json["status"] == "UP" and health.json["model_class"] == "FastSAMBackend"
@@ -88,7 +97,7 @@ def test_click_returns_the_brush_mask_and_repeats_hit_the_cache(client, served_s
     h, w = scene.image.shape[:2]
     target = max(scene.objects, key=lambda o: o.mask.sum())
     x, y = interior_point(target.mask)
-    body = interactive_body(url, keypoint_region(x, y, w, h))
+    body = interactive_body(url, keypoint(x, y, w, h))
     hits_before = metric(client, "fastsam_cache_lookups_total", result="hit")
 
     first = client.post("/predict", json=body)
@@ -148,8 +157,7 @@ def test_a_batch_past_its_time_budget_returns_what_it_has(make_settings, served_
     """LS drops a /predict that takes over 100 s, with every prediction in it: the batch stops
     starting tasks once BATCH_TIME_BUDGET_S is spent, and LS sends the rest again next run."""
     base, url = served_scene
-    app = create_app(make_settings(label_studio_url=base, batch_time_budget_s=1e-6))
-    client = app.test_client()
+    client = gt_app(make_settings(label_studio_url=base, batch_time_budget_s=1e-6), scene).test_client()
     body = captured("/predict", interactive=False)
     body["tasks"] = [{"id": 20 + i, "data": {"image": url}} for i in range(3)]
     before = metric(client, "fastsam_batch_tasks_total", outcome="deferred")
@@ -164,7 +172,7 @@ def test_a_batch_past_its_time_budget_returns_what_it_has(make_settings, served_
     assert metric(client, "fastsam_batch_tasks_total", outcome="deferred") == before + 2
     # the retry: LS sends the two that are left
     body["tasks"] = body["tasks"][1:]
-    app2 = create_app(make_settings(label_studio_url=base, batch_time_budget_s=60))
+    app2 = gt_app(make_settings(label_studio_url=base, batch_time_budget_s=60), scene)
     results = app2.test_client().post("/predict", json=body).json["results"]
     assert all(r["result"] for r in results)
 
@@ -184,6 +192,14 @@ def test_a_batch_where_every_image_fails_is_a_4xx(client):
         ({"tasks": []}, 400, "tasks must be a non-empty list"),
         ({"tasks": "x.png"}, 400, r"\$\.tasks"),
         ({"tasks": [1]}, 400, r"\$\.tasks\[0\]"),
+        # a label config that is not a string was a 500 (it reached an lru_cache unhashed)
+        ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": {"a": 1}}, 400, r"`str \| null`.*\$\.label_config"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": ["<View/>"]}, 400, r"\$\.label_config"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "label_config": 7}, 400, r"\$\.label_config"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "params": "x"}, 400, r"\$\.params"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "params": {"context": []}}, 400, r"\$\.params\.context"),
+        ({"tasks": [{"data": "x.png"}]}, 400, r"\$\.tasks\[0\]\.data"),
+        ({"tasks": [{"data": {"image": "/x.png"}}], "project": {"id": 1}}, 400, r"\$\.project"),
         ([{"data": {}}], 400, "JSON object"),
         (b'{"tasks": [', 400, "JSON object"),
         ({"tasks": [{"data": {}}], "label_config": LABEL_CONFIG}, 400, r"tasks\[0\].data.image"),
@@ -208,8 +224,8 @@ def test_predict_reads_tasks_without_their_annotations(client, monkeypatch):
     service = client.application.extensions["fastsam_service"]
     seen = {}
 
-    def predict(tasks, context, label_config, project=None):
-        seen["tasks"] = tasks
+    def predict(request):
+        seen["tasks"] = [(t.id, t.data) for t in request.tasks]
         return [{"result": [], "score": 0.0, "model_version": "v"}]
 
     monkeypatch.setattr(service, "predict", predict)
@@ -217,7 +233,7 @@ def test_predict_reads_tasks_without_their_annotations(client, monkeypatch):
             "predictions": [{"result": []}], "meta": {"a": 1}}
     response = client.post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG})
     assert response.status_code == 200
-    assert seen["tasks"] == [{"id": 7, "data": {"image": "/x.png"}}]
+    assert seen["tasks"] == [(7, {"image": "/x.png"})]
 
 
 def test_predict_needs_a_json_content_type(client):
@@ -259,7 +275,7 @@ def test_missing_weights_is_a_503_with_how_to(make_settings, served_scene):
     client = app.test_client()
     health = client.get("/health").json
     assert health["ready"] is False and "FastSAM-x.pt" in health["error"]
-    body = interactive_body(url, keypoint_region(10, 10, 320, 240))
+    body = interactive_body(url, keypoint(10, 10, 320, 240))
     response = client.post("/predict", json=body)
     assert response.status_code == 503
     assert "FastSAM-x.pt" in response.json["error"] and "FASTSAM_WEIGHTS" in response.json["error"]
@@ -282,12 +298,13 @@ def test_model_py_backend_class(make_settings, served_scene, scene):
     import model
 
     base, url = served_scene
+    settings = make_settings(label_studio_url=base)
     backend = model.FastSAMBackend(project_id="1", label_config=LABEL_CONFIG,
-                                   settings=make_settings(label_studio_url=base))
+                                   service=build_service(settings, GroundTruthSegmenter([scene])))
     h, w = scene.image.shape[:2]
     x, y = interior_point(scene.objects[0].mask)
     response = backend.predict([{"id": 1, "data": {"image": url}}],
-                               context={"result": [keypoint_region(x, y, w, h)]})
+                               context={"result": [keypoint(x, y, w, h)]})
     assert response["model_version"] == backend.model_version
     assert len(response["predictions"]) == 1
     assert backend.fit("START_TRAINING", {})["trained"] is False
@@ -307,7 +324,7 @@ def test_setup_extra_params_override_per_project(client):
 @pytest.mark.parametrize(("extra", "field"), [
     ({"point_rule": "largest"}, "extra_params.point_rule"),
     ({"preannotate_max_instances": 0}, "extra_params.preannotate_max_instances"),
-    ("yes", "extra_params must be an object"),
+    ("yes", "Expected `object | null`, got `str` - at `$.extra_params`"),
 ])
 def test_setup_rejects_bad_extra_params(client, extra, field):
     body = captured("/setup")
@@ -316,9 +333,9 @@ def test_setup_rejects_bad_extra_params(client, extra, field):
     assert response.status_code == 400 and field in response.json["error"]
 
 
-def test_text_prompt_without_clip_is_a_clear_503(make_settings, served_scene):
+def test_text_prompt_without_clip_is_a_clear_503(make_settings, served_scene, scene):
     base, url = served_scene
-    client = create_app(make_settings(label_studio_url=base, clip_enabled=False)).test_client()
+    client = gt_app(make_settings(label_studio_url=base, clip_enabled=False), scene).test_client()
     body = interactive_body(url, {"type": "textarea", "from_name": "prompt", "value": {"text": ["a red circle"]}})
     response = client.post("/predict", json=body)
     assert response.status_code == 503 and "CLIP" in response.json["error"]
@@ -326,7 +343,7 @@ def test_text_prompt_without_clip_is_a_clear_503(make_settings, served_scene):
 
 def test_interactive_needs_a_brush_tag(client, served_scene):
     _, url = served_scene
-    body = interactive_body(url, keypoint_region(5, 5, 320, 240))
+    body = interactive_body(url, keypoint(5, 5, 320, 240))
     body["label_config"] = '<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image"/></View>'
     response = client.post("/predict", json=body)
     assert response.status_code == 400 and "BrushLabels" in response.json["error"]

@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from fastsam_backend.evaluation import TEST_SEED0, data_uri, evaluate, iou, text_region
+from fastsam_backend.protocol import SetupRequest, predict_request
+from fastsam_backend.quality.evaluation import TEST_SEED0, evaluate, iou, text_region
+from fastsam_backend.quality.lsrequests import data_uri
+from fastsam_backend.quality.scenes import SHAPES, generate_scene
 from fastsam_backend.rle import decode_rle
-from fastsam_backend.scenes import SHAPES, generate_scene
 from fastsam_backend.service import build_service
 from tests.conftest import MODELS
+
+pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
 
 SEEDS = [TEST_SEED0 + 200 + i for i in range(12)]
 SHAPES_CONFIG = f"""<View>
@@ -55,7 +59,7 @@ def test_text_picks_the_described_object(service):
 def test_text_result_label_is_the_label_named_in_the_text(service):
     scene = generate_scene(SEEDS[0])
     task = {"id": 1, "data": {"image": data_uri(scene.image)}}
-    (pred,) = service.predict([task], {"result": [text_region("the red circle")]}, TEXT_CONFIG)
+    (pred,) = service.predict(predict_request([task], {"result": [text_region("the red circle")]}, TEXT_CONFIG))
     assert [r["value"]["brushlabels"] for r in pred["result"]] == [["circle"]]
 
 
@@ -65,7 +69,8 @@ def test_pre_annotation_labels_every_instance_in_every_region_type(service):
     for seed in SEEDS[:8]:
         scene = generate_scene(seed)
         h, w = scene.image.shape[:2]
-        (pred,) = service.predict([{"id": seed, "data": {"image": data_uri(scene.image)}}], None, SHAPES_CONFIG)
+        task = {"id": seed, "data": {"image": data_uri(scene.image)}}
+        (pred,) = service.predict(predict_request([task], None, SHAPES_CONFIG))
         errors = interface.validate_prediction({"result": pred["result"]}, return_errors=True)
         assert errors in (True, [], None), errors
         kinds = Counter(r["type"] for r in pred["result"])
@@ -90,7 +95,8 @@ def test_polygons_agree_with_the_brush_mask(service):
     for seed in SEEDS[1:4]:
         scene = generate_scene(seed)
         h, w = scene.image.shape[:2]
-        (pred,) = service.predict([{"id": 1, "data": {"image": data_uri(scene.image)}}], None, SHAPES_CONFIG)
+        task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+        (pred,) = service.predict(predict_request([task], None, SHAPES_CONFIG))
         checked += _check_polygons(pred["result"], h, w)
     assert checked >= 3
 
@@ -125,14 +131,14 @@ def _check_polygons(regions: list[dict], h: int, w: int) -> int:
 def test_pre_annotation_limits(service):
     scene = generate_scene(SEEDS[2])
     task = {"id": 1, "data": {"image": data_uri(scene.image)}}
-    service.setup("77.1", extra_params={"preannotate_max_instances": 2})
-    (pred,) = service.predict([task], None, SHAPES_CONFIG, project="77.1")
+    service.setup(SetupRequest("77.1", extra_params={"preannotate_max_instances": 2}))
+    (pred,) = service.predict(predict_request([task], None, SHAPES_CONFIG, "77.1"))
     assert Counter(r["type"] for r in pred["result"])["brushlabels"] == 2
-    service.setup("78.1", extra_params={"label_min_similarity": 2.0})  # nothing is that similar
-    (pred,) = service.predict([task], None, SHAPES_CONFIG, project="78.1")
+    service.setup(SetupRequest("78.1", extra_params={"label_min_similarity": 2.0}))  # nothing is that similar
+    (pred,) = service.predict(predict_request([task], None, SHAPES_CONFIG, "78.1"))
     assert pred["result"] == []
-    service.setup("79.1", extra_params={"label_min_similarity": 2.0, "default_label": "circle"})
-    (pred,) = service.predict([task], None, SHAPES_CONFIG, project="79.1")
+    service.setup(SetupRequest("79.1", extra_params={"label_min_similarity": 2.0, "default_label": "circle"}))
+    (pred,) = service.predict(predict_request([task], None, SHAPES_CONFIG, "79.1"))
     assert pred["result"] and {r["value"]["brushlabels"][0] for r in pred["result"] if r["type"] == "brushlabels"} \
         == {"circle"}
 

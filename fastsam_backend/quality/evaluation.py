@@ -8,20 +8,19 @@ test-suite (floors) and by ``fastsam-backend quality`` (the README's table).
 
 from __future__ import annotations
 
-import base64
-import io
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from .rle import decode_rle
+from ..protocol import SetupRequest, predict_request
+from ..rle import decode_rle
+from ..service import FastSAMService
+from ..settings import PointRule
+from . import lsrequests
 from .scenes import Scene, generate_scene
-from .service import FastSAMService
-from .settings import PointRule
 
 TEST_SEED0 = 1_000_000  # held-out scenes (training used < 1_000_000)
 # Everything mode is asked under this project, set to label every instance with the tag's first
@@ -74,12 +73,6 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return np.count_nonzero(a & b) / union if union else 1.0
 
 
-def data_uri(image: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def click_points(mask: np.ndarray, rng: np.random.Generator, n_random: int = 1) -> list[tuple[int, int]]:
     """The deepest interior pixel plus ``n_random`` random pixels at least 3 px inside the object."""
     dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
@@ -93,24 +86,16 @@ def click_points(mask: np.ndarray, rng: np.random.Generator, n_random: int = 1) 
 
 
 def _keypoint(x: int, y: int, w: int, h: int, positive: bool) -> dict:
-    return {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": w,
-            "original_height": h, "is_positive": positive,
-            "value": {"x": 100.0 * (x + 0.5) / w, "y": 100.0 * (y + 0.5) / h, "keypointlabels": ["object"]}}
+    return lsrequests.keypoint(x, y, w, h, positive=positive, label="object", from_name="kp")
 
 
 def _box(mask: np.ndarray) -> dict:
-    h, w = mask.shape
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    x0, x1, y0, y1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
-    return {"type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": w,
-            "original_height": h, "value": {"x": 100.0 * x0 / w, "y": 100.0 * y0 / h,
-                                            "width": 100.0 * (x1 - x0) / w, "height": 100.0 * (y1 - y0) / h,
-                                            "rectanglelabels": ["object"]}}
+    return lsrequests.box_of(mask, label="object", from_name="box")
 
 
 def text_region(phrase: str) -> dict:
     """A TextArea prompt as LS sends it in ``context.result`` (``from_name`` of ``LABEL_CONFIG``)."""
-    return {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": [phrase]}}
+    return lsrequests.text(phrase, "prompt")
 
 
 class SceneClient:
@@ -118,12 +103,13 @@ class SceneClient:
 
     def __init__(self, service: FastSAMService, scene: Scene, project: str | None = None) -> None:
         self.service, self.scene, self.project = service, scene, project
-        self.task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+        self.task = {"id": 1, "data": {"image": lsrequests.data_uri(scene.image)}}
         self.h, self.w = scene.image.shape[:2]
 
     def ask(self, regions: list[dict]) -> np.ndarray:
         """The union of the returned brush regions as an ``(H, W)`` bool mask."""
-        prediction = self.service.predict([self.task], {"result": regions}, LABEL_CONFIG, project=self.project)[0]
+        request = predict_request([self.task], {"result": regions}, LABEL_CONFIG, self.project)
+        prediction = self.service.predict(request)[0]
         out = np.zeros((self.h, self.w), bool)
         for region in prediction["result"]:
             out |= decode_rle(region["value"]["rle"], self.h, self.w)
@@ -138,7 +124,7 @@ class SceneClient:
         return any(iou(masks.mask(i), mask) >= 0.5 for i in range(len(masks)))
 
     def everything(self) -> list[np.ndarray]:
-        prediction = self.service.predict([self.task], None, LABEL_CONFIG, project=EVERYTHING_PROJECT)[0]
+        prediction = self.service.predict(predict_request([self.task], None, LABEL_CONFIG, EVERYTHING_PROJECT))[0]
         return [decode_rle(r["value"]["rle"], self.h, self.w) for r in prediction["result"]
                 if r["type"] == "brushlabels"]
 
@@ -168,7 +154,7 @@ def evaluate(service: FastSAMService, seeds: Iterable[int], *, project: str | No
     """
     report = QualityReport()
     if everything:
-        service.setup(EVERYTHING_PROJECT, extra_params={"label_mode": "first"})
+        service.setup(SetupRequest(EVERYTHING_PROJECT, extra_params={"label_mode": "first"}))
     for seed in seeds:
         scene = generate_scene(seed)
         client = SceneClient(service, scene, project)
@@ -210,7 +196,7 @@ def compare_point_rules(service: FastSAMService, seeds: list[int]) -> dict[str, 
     table = {}
     for rule in PointRule:
         project = f"rule-{rule.value}"
-        service.setup(project, extra_params={"point_rule": rule.value})
+        service.setup(SetupRequest(project, extra_params={"point_rule": rule.value}))
         report = evaluate(service, seeds, project=project, everything=False)
         table[rule.value] = report.summary()
     return table

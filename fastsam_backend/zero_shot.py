@@ -58,3 +58,29 @@ def label_named_in(text: str, labels: tuple[str, ...]) -> str | None:
         if f" {label.lower()} " in lowered or f" {label.lower()}s " in lowered:
             return label
     return None
+
+
+@dataclass(frozen=True)
+class LabelChoice:
+    """Per instance its label (None: unlabelled) and whether to keep it at all."""
+
+    labels: tuple[str | None, ...]
+    keep: np.ndarray  # (N,) bool; False: CLIP could not place the instance and there is no default label
+
+    @classmethod
+    def uniform(cls, label: str | None, n: int) -> LabelChoice:
+        return cls((label,) * n, np.ones(n, dtype=bool))
+
+
+def choose_labels(mask_embeddings: np.ndarray, phrase_embeddings: np.ndarray, phrases: LabelPhrases, *,
+                  min_similarity: float, default_label: str | None) -> LabelChoice:
+    """Zero-shot labels for ``(N, D)`` crop embeddings (zero rows: too small to score).
+
+    An instance whose best label is below ``min_similarity`` (or that was not scored) gets
+    ``default_label``, or is dropped when there is none.
+    """
+    labels, sims = zero_shot(mask_embeddings, phrase_embeddings, phrases.owner, len(phrases.labels))
+    placed = mask_embeddings.any(axis=1) & (sims >= min_similarity)
+    chosen = tuple(phrases.labels[int(lab)] if ok else default_label for lab, ok in zip(labels, placed))
+    keep = placed | (default_label is not None)
+    return LabelChoice(chosen, np.asarray(keep, dtype=bool).reshape(len(chosen)))
