@@ -94,6 +94,11 @@ class ClipScorer:
     def loaded(self) -> bool:
         return self._model is not None
 
+    @property
+    def error(self) -> str | None:
+        """Why the last load failed, if it did."""
+        return self._error
+
     def available(self) -> bool:
         """Whether loading can work, judged without loading (a file check; no network)."""
         cfg = self.config

@@ -3,6 +3,8 @@ through /setup's ``extra_params`` (validated like the environment, errors name t
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +35,16 @@ class ProjectOptions(BaseModel):
     @classmethod
     def defaults(cls, settings: Settings) -> ProjectOptions:
         return cls(**{name: getattr(settings, name) for name in OVERRIDABLE})
+
+    def overrides_digest(self, defaults: ProjectOptions) -> str | None:
+        """A short digest of the outputs-changing options that differ from ``defaults`` (None if none;
+        ``point_rule`` and ``morphology`` are spelled out in the version itself)."""
+        spelled = {"point_rule", "morphology", "label_config"}
+        mine, base = self.model_dump(mode="json"), defaults.model_dump(mode="json")
+        changed = {k: v for k, v in mine.items() if k not in spelled and base.get(k) != v}
+        if not changed:
+            return None
+        return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
     def with_overrides(self, extra: dict[str, Any] | None, label_config: str | None = None) -> ProjectOptions:
         """A copy with ``extra_params`` applied (unknown keys ignored, bad values → BadRequest)."""

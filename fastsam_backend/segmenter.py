@@ -106,11 +106,17 @@ class Segmenter:
     # --------------------------------------------------------------- identity
     @property
     def identity(self) -> str:
-        """Checkpoint name + content digest (cache keys, model_version); never loads the model."""
+        """Names the checkpoint in cache keys and ``model_version``; never loads the model and does
+        not change when it loads: a path is its stem + content digest; a bare released name
+        (``FastSAM-s.pt``, looked up in ``MODEL_DIR`` or downloaded) is the release's name,
+        whether or not the file is there yet (released files do not change)."""
         if self._identity is None:
-            path = resolve_weights(self.config.weights, self.config.model_dir)
-            name = Path(self.config.weights).stem
-            self._identity = f"{name}-{file_digest(path)}" if path else name
+            weights = Path(self.config.weights)
+            if weights.parent == Path(".") and weights.name in RELEASED_WEIGHTS:
+                self._identity = weights.stem
+            else:
+                path = resolve_weights(self.config.weights, self.config.model_dir)
+                self._identity = f"{weights.stem}-{file_digest(path)}" if path else weights.stem
         return self._identity
 
     @property
@@ -156,7 +162,6 @@ class Segmenter:
                     torch.set_num_threads(self.config.torch_threads)
                 self._model, self._device = self._load_model(), self._pick_device()
                 self._error = None
-                self._identity = None  # a downloaded file now has a digest
             except ModelUnavailable as exc:
                 self._error = (time.monotonic(), exc.message)
                 raise

@@ -50,6 +50,8 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     app.json = OrjsonProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["fastsam_service"] = service
+    if settings.load_on_start:
+        service.start_loading()  # gunicorn calls the factory in each worker, after fork
 
     @app.before_request
     def _start() -> Response | None:
@@ -96,12 +98,12 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     @app.get("/")
     @app.get("/health")
     def health() -> Response:
-        seg = service.segmenter
-        ready = seg.loaded or (seg.error is None and seg.weights_available())
-        body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "ready": ready,
-                                "model_loaded": seg.loaded, "model_version": service.model_version}
-        if not ready:
-            body["error"] = seg.error or service.segmenter_missing_message()
+        """LS waits 1 s for it: never loads or downloads anything. ``state`` is ``loading``,
+        ``ready`` or ``error`` (with ``error`` saying why); ``status`` stays ``UP`` so LS connects."""
+        state = service.state()
+        body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "ready": state["state"] != "error",
+                                "model_loaded": service.segmenter.loaded, "model_version": service.model_version,
+                                **state}
         return jsonify(body)
 
     @app.post("/setup")

@@ -18,7 +18,7 @@ import numpy as np
 from . import metrics
 from .cache import make_cache
 from .clip_scorer import ClipConfig, ClipScorer
-from .errors import BackendError, BadRequest, ImageError, ModelUnavailable
+from .errors import BackendError, BadRequest, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
 from .labelconfig import LabelConfig, OutputTag, parse_label_config
 from .masks import MaskSet
@@ -68,16 +68,25 @@ class FastSAMService:
         self._lock = threading.Lock()
         self._phrases: dict[tuple[str, ...], np.ndarray] = {}
         self._clip_warned = False
+        self._loading: threading.Thread | None = None
 
     # ----------------------------------------------------------------- setup
     @property
     def model_version(self) -> str:
-        """Checkpoint identity and every parameter that changes outputs (LS re-predicts when it changes)."""
+        """``model_version`` of a project without overrides (see ``version_for``)."""
+        return self.version_for(self._defaults)
+
+    def version_for(self, options: ProjectOptions) -> str:
+        """What LS compares to skip tasks already predicted: the checkpoint identities, every setting
+        and project override that changes outputs -- never whether a model happened to load (a
+        component that cannot load fails the predictions needing it, under this same version)."""
         s = self.settings
         version = (f"{self.segmenter.identity}-i{s.imgsz}-c{s.conf:g}-u{s.iou:g}-d{s.max_det}"
-                   f"-{s.point_rule.value}{'-m' if s.morphology else ''}")
-        if self.clip is not None and s.label_mode is LabelMode.CLIP and self.clip.available():
+                   f"-{options.point_rule.value}{'-m' if options.morphology else ''}")
+        if self.clip is not None and options.label_mode is LabelMode.CLIP:
             version += f"+{self.clip.identity}"  # zero-shot labels depend on it
+        if (digest := options.overrides_digest(self._defaults)) is not None:
+            version += f"-p{digest}"
         return version
 
     def setup(self, request: SetupRequest) -> str:
@@ -87,7 +96,7 @@ class FastSAMService:
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:
                 self._projects[project] = options
-        return self.model_version
+        return self.version_for(options)
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """FastSAM is not fine-tuned from annotations; webhooks are acknowledged and ignored."""
@@ -122,9 +131,11 @@ class FastSAMService:
         if interactive and config.brush is None:
             raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
         if interactive or len(tasks) == 1:
+            self.wait_until_loaded()
             return [self._predict_task(task, i, config, prompts if interactive else None, options)
                     for i, task in enumerate(tasks)]
 
+        self.wait_until_loaded()  # the budget is for per-task work, not for a load after start-up
         budget = self.settings.batch_time_budget_s
         predictions: list[dict[str, Any]] = []
         first_failure: BackendError | None = None
@@ -144,7 +155,7 @@ class FastSAMService:
             try:
                 predictions.append(self._predict_task(task, i, config, None, options))
                 metrics.BATCH_TASKS.labels(outcome="predicted").inc()
-            except (ImageError, BadRequest) as exc:
+            except BackendError as exc:  # the image, the task's data, a model a label needs
                 log.warning("batch of %d tasks: %s skipped: %s", len(tasks), _task_name(task, i), exc.message)
                 metrics.BATCH_TASKS.labels(outcome="failed").inc()
                 predictions.append({"error": f"{_task_name(task, i)}: {exc.message}"})
@@ -165,7 +176,7 @@ class FastSAMService:
             result = self._pre_annotate(found, config, options)
         scores = [r["score"] for r in result if "score" in r]
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
-                "model_version": self.model_version}
+                "model_version": self.version_for(options)}
 
     def masks_for(self, image_url: str) -> ImageMasks:
         """All-instance masks of the image at ``image_url``: from the cache, else segmented once."""
@@ -286,29 +297,84 @@ class FastSAMService:
 
     def _instance_labels(self, found: ImageMasks, order: list[int], tag: OutputTag,
                          options: ProjectOptions) -> LabelChoice:
-        """Per kept instance its label, by the project's label mode."""
+        """Per kept instance its label, by the project's label mode. Without CLIP, zero-shot labels
+        are never guessed: a tag with one label gets it, else ``DEFAULT_LABEL``, else an error."""
         first = tag.labels[0] if tag.labels else None
         mode = options.label_mode
-        if mode is LabelMode.CLIP and tag.labels and order and not self._clip_usable():
-            mode = LabelMode.FIRST
         if mode is LabelMode.NONE:
             return LabelChoice.uniform(None, len(order))
-        if mode is LabelMode.FIRST or not tag.labels or not order:
+        if mode is LabelMode.FIRST or len(tag.labels) <= 1 or not order:
             return LabelChoice.uniform(first, len(order))
+        if (why := self.zero_shot_unavailable()) is not None:
+            if options.default_label:
+                return LabelChoice.uniform(options.default_label, len(order))
+            raise ModelUnavailable(
+                f"zero-shot labels for <{tag.kind} name=\"{tag.from_name}\"> need CLIP, which is unavailable "
+                f"({why}); make CLIP available, or set DEFAULT_LABEL (or the project's extra_params "
+                f"default_label) to label every instance with it")
         phrases = LabelPhrases.of(tag)
         return choose_labels(self.crop_embeddings(found)[order], self.phrase_embeddings(phrases.phrases), phrases,
                              min_similarity=options.label_min_similarity, default_label=options.default_label)
 
-    def _clip_usable(self) -> bool:
-        """CLIP for zero-shot labels; without it pre-annotation still works (first label), said once."""
+    def zero_shot_unavailable(self) -> str | None:
+        """Why zero-shot labels are off (None: CLIP is there or can load); loads CLIP if it can."""
         try:
             self._require_clip()
-            return True
+            return None
         except ModelUnavailable as exc:
             if not self._clip_warned:
                 self._clip_warned = True
-                log.warning("pre-annotation labels fall back to each tag's first label: %s", exc.message)
-            return False
+                log.warning("zero-shot labels are off: %s", exc.message)
+            return exc.message
+
+    # ---------------------------------------------------------------- loading
+    def start_loading(self) -> threading.Thread:
+        """Load the models in the background now (each worker, after fork), so the first request
+        does not pay for it; a request that arrives meanwhile waits for the load (bounded)."""
+        thread = threading.Thread(target=self._load_all, name="fastsam-load", daemon=True)
+        self._loading = thread
+        thread.start()
+        return thread
+
+    def _load_all(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.segmenter.load()
+        except ModelUnavailable as exc:
+            log.error("FastSAM could not be loaded: %s", exc.message)
+        if self.clip is not None:
+            self.zero_shot_unavailable()
+        log.info("models loaded in %.1f s", time.perf_counter() - started)
+
+    def wait_until_loaded(self) -> None:
+        """Block until a background load started by ``start_loading`` is over (at most
+        ``LOAD_WAIT_S``); then the caller's own load attempt answers."""
+        thread = self._loading
+        if thread is not None and thread.is_alive():
+            thread.join(self.settings.load_wait_s)
+            if thread.is_alive():
+                raise ModelUnavailable(f"the models are still loading after {self.settings.load_wait_s:g} s "
+                                       "(LOAD_WAIT_S); retry in a moment", status=503)
+
+    def state(self) -> dict[str, Any]:
+        """For /health: ``loading``, ``ready`` or ``error`` (with why), and whether zero-shot labels work."""
+        seg = self.segmenter
+        if self._loading is not None and self._loading.is_alive():
+            state: dict[str, Any] = {"state": "loading"}
+        elif seg.loaded or (seg.error is None and seg.weights_available()):
+            state = {"state": "ready"}
+        else:
+            state = {"state": "error", "error": seg.error or self.segmenter_missing_message()}
+        clip = self.clip
+        if clip is None:
+            state["zero_shot_labels"] = "off: CLIP_ENABLED=false"
+        elif clip.loaded or (clip.available() and not (self._loading and self._loading.is_alive())):
+            state["zero_shot_labels"] = "on" if clip.loaded else "available"
+        elif not clip.available():
+            state["zero_shot_labels"] = f"off: {clip.error or 'CLIP cannot be loaded (see the log)'}"
+        else:
+            state["zero_shot_labels"] = "loading"
+        return state
 
 
 def _task_name(task: Task, index: int) -> str:

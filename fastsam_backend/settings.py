@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     batch_time_budget_s: float = Field(
         80.0, ge=0, description="a multi-task /predict stops starting tasks after this long (0 = never)"
     )
+    load_on_start: bool = Field(
+        True, description="each worker loads its models in the background as soon as it starts"
+    )
+    load_wait_s: float = Field(30.0, gt=0, description="a request arriving during that load waits this long for it")
     basic_auth_user: str | None = None
     basic_auth_pass: SecretStr | None = None
     log_level: str = "INFO"

@@ -52,7 +52,8 @@ def make_settings(fastsam_weights, tmp_path_factory):
 
     def make(**overrides):
         base = dict(fastsam_weights=str(fastsam_weights), model_dir=model_dir, imgsz=FIXTURE_IMGSZ,
-                    conf=FIXTURE_CONF, iou=0.7, allow_download=False, redis_url=None)
+                    conf=FIXTURE_CONF, iou=0.7, allow_download=False, redis_url=None,
+                    load_on_start=False)
         base.update(overrides)
         return Settings(**base)
 

@@ -85,11 +85,12 @@ def test_captured_ls_session_against_gunicorn(fastsam_weights, image_server, red
     proc, base = start_server({
         "FASTSAM_WEIGHTS": str(fastsam_weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF), "IOU": "0.7",
         "REDIS_URL": REDIS_URL, "CACHE_PREFIX": redis_prefix, "LABEL_STUDIO_URL": ls_base,
-        "LABEL_STUDIO_API_KEY": "f" * 40,
+        "LABEL_STUDIO_API_KEY": "f" * 40, "DEFAULT_LABEL": "Banana",  # no CLIP here
     }, tmp_path)
     try:
         health = requests.get(f"{base}/health", timeout=10).json()
         assert health["status"] == "UP" and health["ready"] is True
+        assert loaded_health(base)["state"] == "ready"
         setup = requests.post(f"{base}/setup", json=captured("/setup"), timeout=3)
         assert setup.status_code == 200 and setup.json()["model_version"]
 
@@ -120,12 +121,22 @@ def test_captured_ls_session_against_gunicorn(fastsam_weights, image_server, red
         stop_server(proc)
 
 
+def loaded_health(base: str, wait_s: float = 60) -> dict:
+    """/health once the worker's background load is over (it starts as the worker does)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        health = requests.get(f"{base}/health", timeout=10).json()
+        if health["state"] != "loading" or time.monotonic() > deadline:
+            return health
+        time.sleep(0.2)
+
+
 def test_missing_weights_under_gunicorn(image_server, tmp_path):
     _, ls_base = image_server
     proc, base = start_server({"FASTSAM_WEIGHTS": "FastSAM-s.pt", "LABEL_STUDIO_URL": ls_base}, tmp_path)
     try:
-        health = requests.get(f"{base}/health", timeout=10).json()
-        assert health["ready"] is False and "FastSAM-s.pt" in health["error"]
+        health = loaded_health(base)
+        assert health["state"] == "error" and health["ready"] is False and "FastSAM-s.pt" in health["error"]
         response = requests.post(f"{base}/predict", json=captured("/predict", interactive=True), timeout=30)
         assert response.status_code == 503 and "FastSAM-s.pt" in response.json()["error"]
         assert requests.get(f"{base}/health", timeout=10).status_code == 200

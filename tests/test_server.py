@@ -45,7 +45,9 @@ def gt_app(settings, *scenes):
 @pytest.fixture(scope="module")
 def client(make_settings, served_scene, scene):
     base, _ = served_scene
-    settings = make_settings(label_studio_url=base, label_studio_api_key="0123456789abcdef" * 2 + "01234567")
+    # no CLIP here (its default weights are not on disk): pre-annotation labels come from DEFAULT_LABEL
+    settings = make_settings(label_studio_url=base, label_studio_api_key="0123456789abcdef" * 2 + "01234567",
+                             default_label="Banana")
     return gt_app(settings, scene).test_client()
 
 
@@ -157,7 +159,8 @@ def test_a_batch_past_its_time_budget_returns_what_it_has(make_settings, served_
     """LS drops a /predict that takes over 100 s, with every prediction in it: the batch stops
     starting tasks once BATCH_TIME_BUDGET_S is spent, and LS sends the rest again next run."""
     base, url = served_scene
-    client = gt_app(make_settings(label_studio_url=base, batch_time_budget_s=1e-6), scene).test_client()
+    settings = make_settings(label_studio_url=base, batch_time_budget_s=1e-6, default_label="Banana")
+    client = gt_app(settings, scene).test_client()
     body = captured("/predict", interactive=False)
     body["tasks"] = [{"id": 20 + i, "data": {"image": url}} for i in range(3)]
     before = metric(client, "fastsam_batch_tasks_total", outcome="deferred")
@@ -172,7 +175,7 @@ def test_a_batch_past_its_time_budget_returns_what_it_has(make_settings, served_
     assert metric(client, "fastsam_batch_tasks_total", outcome="deferred") == before + 2
     # the retry: LS sends the two that are left
     body["tasks"] = body["tasks"][1:]
-    app2 = gt_app(make_settings(label_studio_url=base, batch_time_budget_s=60), scene)
+    app2 = gt_app(make_settings(label_studio_url=base, batch_time_budget_s=60, default_label="Banana"), scene)
     results = app2.test_client().post("/predict", json=body).json["results"]
     assert all(r["result"] for r in results)
 
@@ -354,3 +357,67 @@ def test_responses_carry_the_request_id_and_the_app_time(client):
     assert response.headers["X-Request-Id"] == "abc123"
     name, dur = response.headers["Server-Timing"].split(";")
     assert name == "app" and float(dur.removeprefix("dur=")) >= 0
+
+
+ONE_LABEL_CONFIG = LABEL_CONFIG.replace('<Label value="Banana"/><Label value="Orange"/></BrushLabels>',
+                                        '<Label value="Banana"/></BrushLabels>', 1)
+
+
+def test_pre_annotation_without_clip_never_guesses_labels(make_settings, served_scene, scene, caplog):
+    """Without CLIP, every instance labelled with the first label read as wrong labels. Now: one label
+    is that label; DEFAULT_LABEL when set; otherwise an error entry per task naming both fixes."""
+    base, url = served_scene
+    client = gt_app(make_settings(label_studio_url=base), scene).test_client()
+    assert client.get("/health").json["zero_shot_labels"].startswith("off: ")
+    body = captured("/predict", interactive=False)
+    body["tasks"] = [{"id": i, "data": {"image": url}} for i in range(2)]
+    body["label_config"] = LABEL_CONFIG
+    response = client.post("/predict", json=body)
+    assert response.status_code == 503  # every task failed
+    assert "DEFAULT_LABEL" in response.json["error"] and "CLIP" in response.json["error"]
+    body["tasks"].append({"id": 9, "data": {"image": "/data/upload/1/gone.png"}})
+    entries = client.post("/predict", json={**body, "tasks": body["tasks"][:1] + body["tasks"][2:]}).json
+    assert entries["error"]  # one task's label failure and a missing image: still all failed
+    body["label_config"] = ONE_LABEL_CONFIG
+    results = client.post("/predict", json=body).json["results"]
+    assert {lab for r in results[0]["result"] for lab in r["value"]["brushlabels"]} == {"Banana"}
+    assert len(results[0]["result"]) == len(scene.objects)
+    body["label_config"] = LABEL_CONFIG
+    client.post("/setup", json={**captured("/setup"), "project": "41.1", "extra_params": {"default_label": "Orange"}})
+    results = client.post("/predict", json={**body, "project": "41.1"}).json["results"]
+    assert {lab for r in results[0]["result"] for lab in r["value"]["brushlabels"]} == {"Orange"}
+
+
+def test_model_version_is_a_function_of_the_configuration_per_project(make_settings, served_scene, scene):
+    base, url = served_scene
+    settings = make_settings(label_studio_url=base, default_label="Banana")
+    client = gt_app(settings, scene).test_client()
+    setup = captured("/setup")
+    default = client.post("/setup", json=setup).json["model_version"]
+    assert default == client.post("/setup", json={**setup, "project": "2.5"}).json["model_version"]
+    changed = client.post("/setup", json={**setup, "project": "3.1",
+                                          "extra_params": {"preannotate_max_instances": 3}}).json["model_version"]
+    assert changed != default and changed.startswith(default)
+    rule = client.post("/setup", json={**setup, "project": "4.1", "extra_params": {"point_rule": "paper"}})
+    assert rule.json["model_version"] not in {default, changed}
+    body = captured("/predict", interactive=False)
+    body["tasks"] = [{"id": 1, "data": {"image": url}}]
+    assert client.post("/predict", json={**body, "project": "3.1"}).json["results"][0]["model_version"] == changed
+    assert client.post("/predict", json={**body, "project": "2.9"}).json["results"][0]["model_version"] == default
+    # a restart with the same files and settings: the same versions
+    again = gt_app(settings, scene).test_client()
+    assert again.post("/setup", json={**setup, "project": "3.1", "extra_params": {"preannotate_max_instances": 3}}
+                      ).json["model_version"] == changed
+
+
+def test_model_version_does_not_depend_on_whether_clip_loaded(make_settings):
+    from fastsam_backend.service import build_service as real_service
+
+    configured = make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
+                               open_clip_pretrained=str(MODELS / "missing.pt"))
+    service = real_service(configured)
+    before = service.model_version
+    assert service.zero_shot_unavailable() is not None  # configured, but cannot load
+    assert service.model_version == before and "+clip-" in before
+    released = real_service(make_settings(fastsam_weights="FastSAM-s.pt"))
+    assert released.model_version.startswith("FastSAM-s-i")  # a release is named, downloaded or not
