@@ -21,6 +21,7 @@ from .clip_scorer import ClipConfig, ClipScorer
 from .errors import BackendError, BadRequest, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
 from .labelconfig import LabelConfig, OutputTag, parse_label_config
+from .lscheck import CredentialChecker
 from .masks import MaskSet
 from .options import ProjectOptions
 from .prompts import Prompts, parse_context
@@ -69,6 +70,7 @@ class FastSAMService:
         self._phrases: dict[tuple[str, ...], np.ndarray] = {}
         self._clip_warned = False
         self._loading: threading.Thread | None = None
+        self.credentials = CredentialChecker(verify_ssl=settings.verify_ssl)
 
     # ----------------------------------------------------------------- setup
     @property
@@ -90,8 +92,18 @@ class FastSAMService:
         return version
 
     def setup(self, request: SetupRequest) -> str:
-        """Remember LS's host/token as image-download fallback and the project's overrides; no model load."""
+        """Remember LS's host/token as image-download fallback and the project's overrides; no model load.
+
+        With ``LABEL_STUDIO_URL`` set, asks it once (cached) whether it accepts the token images are
+        downloaded with; a refusal is a 422 naming the fix, which LS shows on "Validate and Save".
+        """
         self.images.set_fallback(request.hostname, request.access_token)
+        key = self.settings.label_studio_api_key
+        token = key.get_secret_value() if key else request.access_token
+        if self.settings.label_studio_url and token:
+            check = self.credentials.check(self.settings.label_studio_url, token)
+            if check.accepted is False:
+                raise BadRequest(check.message, status=422)
         options = self._defaults.with_overrides(request.extra_params, request.schema)
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:

@@ -421,3 +421,46 @@ def test_model_version_does_not_depend_on_whether_clip_loaded(make_settings):
     assert service.model_version == before and "+clip-" in before
     released = real_service(make_settings(fastsam_weights="FastSAM-s.pt"))
     assert released.model_version.startswith("FastSAM-s-i")  # a release is named, downloaded or not
+
+
+@pytest.fixture()
+def fake_ls():
+    """A Label Studio stand-in for the token check: whoami answers ``status[0]``; counts calls."""
+    import http.server
+    import threading
+
+    state = {"status": 401, "calls": 0}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            state["calls"] += 1
+            self.send_response(state["status"])
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"detail": "nope"}' if state["status"] != 200 else b'{"id": 1}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+
+
+def test_setup_says_when_label_studio_refuses_the_token(make_settings, fake_ls, scene, caplog):
+    """LS 1.23 disables legacy tokens for new organisations; every click then returned nothing and LS
+    swallowed our 422. /setup (LS's "Validate and Save") now names the fix."""
+    base, state = fake_ls
+    token = "f" * 40
+    client = gt_app(make_settings(label_studio_url=base, label_studio_api_key=token), scene).test_client()
+    refused = client.post("/setup", json=captured("/setup"))
+    assert refused.status_code == 422
+    assert "personal access token" in refused.json["error"] and "Legacy Tokens" in refused.json["error"]
+    assert token not in refused.get_data(as_text=True) and token not in caplog.text
+    assert "refused the legacy token" in caplog.text
+    client.post("/setup", json=captured("/setup"))
+    assert state["calls"] == 1  # cached per host and token
+    state["status"] = 200
+    accepted = gt_app(make_settings(label_studio_url=base, label_studio_api_key=token), scene).test_client()
+    assert accepted.post("/setup", json=captured("/setup")).status_code == 200
