@@ -16,6 +16,8 @@ from typing import Any
 
 from .errors import BadRequest
 
+# CLIP reads 77 tokens (a few hundred characters); far longer texts only cost tokenizer time
+MAX_TEXT_CHARS = 1000
 POINT_TYPES = {"keypointlabels", "keypoint"}
 BOX_TYPES = {"rectanglelabels", "rectangle"}
 TEXT_TYPES = {"textarea"}
@@ -32,9 +34,7 @@ class PointPrompt:
 
     def in_pixels(self, width: int, height: int) -> tuple[int, int]:
         """Pixel column and row, clamped into the image."""
-        px = min(max(int(self.x / 100.0 * width), 0), width - 1)
-        py = min(max(int(self.y / 100.0 * height), 0), height - 1)
-        return px, py
+        return int(_clamp(self.x / 100.0 * width, 0, width - 1)), int(_clamp(self.y / 100.0 * height, 0, height - 1))
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,10 @@ class BoxPrompt:
 
     def in_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
         """``x0, y0, x1, y1`` pixels, clamped to the image, exclusive end, at least 1 px."""
-        x0 = min(max(math.floor(self.x0 / 100.0 * width), 0), width - 1)
-        y0 = min(max(math.floor(self.y0 / 100.0 * height), 0), height - 1)
-        x1 = min(max(math.ceil(self.x1 / 100.0 * width), x0 + 1), width)
-        y1 = min(max(math.ceil(self.y1 / 100.0 * height), y0 + 1), height)
+        x0 = math.floor(_clamp(self.x0 / 100.0 * width, 0, width - 1))
+        y0 = math.floor(_clamp(self.y0 / 100.0 * height, 0, height - 1))
+        x1 = math.ceil(_clamp(self.x1 / 100.0 * width, x0 + 1, width))
+        y1 = math.ceil(_clamp(self.y1 / 100.0 * height, y0 + 1, height))
         return x0, y0, x1, y1
 
 
@@ -79,6 +79,18 @@ class Prompts:
             if prompt.label:
                 return prompt.label
         return None
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    """``value`` within ``[low, high]``; huge percentages (1e308 overflows to inf in pixels) and NaN
+    (inf - inf in a rotated box) land on an edge instead of failing ``int()``."""
+    return low if value != value else min(max(value, low), high)
+
+
+def _size_or(value: Any, default: float) -> float:
+    """A region's ``original_width``/``height`` when it is a positive number, else ``default``."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else default
 
 
 def _number(value: Any, where: str) -> float:
@@ -123,8 +135,8 @@ def _box(region: dict[str, Any], where: str) -> BoxPrompt:
         return BoxPrompt(x, y, x + w, y + h, label)
     # LS rotates about the top-left corner; the prompt is the rotated box's axis-aligned hull.
     # Percent units differ per axis, so rotate in pixel-proportional units of the original size.
-    ow = float(region.get("original_width") or 100.0)
-    oh = float(region.get("original_height") or 100.0)
+    ow = _size_or(region.get("original_width"), 100.0)
+    oh = _size_or(region.get("original_height"), 100.0)
     theta = math.radians(rotation)
     cos, sin = math.cos(theta), math.sin(theta)
     corners = [(0.0, 0.0), (w * ow, 0.0), (w * ow, h * oh), (0.0, h * oh)]
@@ -139,6 +151,9 @@ def _text(region: dict[str, Any], where: str) -> TextPrompt | None:
         texts = [texts]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise BadRequest(f"{where}.value.text must be a list of strings")
+    if sum(len(t) for t in texts) > MAX_TEXT_CHARS:
+        raise BadRequest(f"{where}.value.text: text prompt is {sum(len(t) for t in texts)} characters long; "
+                         f"at most {MAX_TEXT_CHARS} are accepted (CLIP reads only the first few hundred)")
     joined = " ".join(t.strip() for t in texts if t.strip())
     return TextPrompt(joined) if joined else None
 
