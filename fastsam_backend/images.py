@@ -3,20 +3,23 @@
 URL forms:
 - a path starting with ``/`` (``/data/upload/..``, ``/tasks/<id>/resolve/..``, ...): joined onto
   ``LABEL_STUDIO_URL`` (else the ``/setup`` hostname) and sent with LS credentials; absolute http(s) URLs
-  on that host:port get them too, other hosts none (requests drops them on redirects to another host).
+  on that host:port get them too, other hosts none, and no redirect carries them to another host.
 - ``/data/local-files/?d=rel``, ``file://`` and plain paths, with ``LOCAL_FILES_DOCUMENT_ROOT`` set: read
-  from disk if they resolve (symlinks included) under the root, else ``BadRequest``. Like LS, ``d`` is
-  always relative to the root (a leading ``/`` is stripped).
+  from disk if they resolve (symlinks included) to a regular file under the root, else ``BadRequest``;
+  no ``..``. Like LS, ``d`` is always relative to the root (a leading ``/`` is stripped).
 - ``data:`` URIs (base64 or percent-encoded); ``s3://``, ``gs://``, ...: refused with advice.
+
+Where HTTP may go is ``outbound``'s policy (no loopback, private, link-local or metadata address
+unless ``OUTBOUND_ALLOW`` lists it; ``LABEL_STUDIO_URL``'s host:port is exempt, the ``/setup``
+hostname is not); how is ``download``'s (a total deadline, vetted redirects, pinned connections).
 
 Credentials: a legacy key goes as ``Token <key>``. A JWT is a personal access token (a refresh token):
 exchanged at ``/api/token/refresh/`` once for all threads, the access token cached until its ``exp``,
 renewed once on a 401, sent as ``Bearer``; a JWT whose ``token_type`` is ``access`` is sent as is.
 
-Failures raise ``ImageError`` (422) naming the host and the cause, never the query (storage signatures)
-nor a credential. An HTTP attempt is bounded by ``timeout_s`` (connect, each read, the whole body);
-connection errors and 502/503/504 are tried 3 times with a short backoff, nothing else is retried.
-Bodies stop at ``max_bytes``; images over ``max_pixels`` are refused before their pixels are decoded.
+Failures raise ``ImageError`` (422; 403 for a refused address) naming the host and the cause, never
+the path's query (storage signatures) nor a credential. Bodies stop at ``max_bytes``; images over
+``max_pixels`` are refused before their pixels are decoded.
 """
 
 from __future__ import annotations
@@ -24,27 +27,25 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import http.cookiejar
-import io
 import json
 import logging
+import os
 import posixpath
 import re
-import sys
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 
 import numpy as np
-import requests
-from PIL import Image, ImageOps, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from .decoding import decode_image
+from .download import Downloader, FetchError, Reply
 from .errors import BadRequest, ImageError
+from .outbound import AllowList, OutboundPolicy, Resolver, split_url
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -74,26 +75,25 @@ class ImageSourceConfig:
     api_key: str | None = field(default=None, repr=False)
     document_root: Path | None = None
     verify_ssl: bool = True
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # the whole download: connect, headers, body, redirects, retries
     max_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 64_000_000
+    outbound_allow: AllowList = field(default_factory=AllowList)
+    max_redirects: int = 5
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageSourceConfig:
         key = settings.label_studio_api_key
         return cls(settings.label_studio_url, key.get_secret_value() if key else None,
                    settings.local_files_document_root, settings.verify_ssl, settings.download_timeout_s,
-                   settings.max_image_bytes, settings.max_image_pixels)
+                   settings.max_image_bytes, settings.max_image_pixels, AllowList.parse(settings.outbound_allow),
+                   settings.outbound_max_redirects)
 
 
 class _Fetched(NamedTuple):
     data: bytes
     source: str  # the origin as messages name it: "host:port", "data URI", "local file 'a.png'"
     content_type: str | None
-
-
-class _Transient(Exception):
-    """An attempt worth repeating (connection error, 502/503/504)."""
 
 
 class _Unauthorized(Exception):
@@ -105,14 +105,13 @@ def _base(url: str | None) -> str | None:
     return (url if "://" in url else "http://" + url) if url else None
 
 
-def _host_port(url: str) -> tuple[str, int | None]:
-    parts = urlsplit(url)
-    return (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-
-
-def _host(url: str) -> str:
-    parts = urlsplit(url)
-    return (parts.hostname or "?") + (f":{parts.port}" if parts.port else "")
+def _same_host_port(url: str, base: str) -> bool:
+    """Whether ``url`` goes to ``base``'s host:port, both read by the parser the download uses."""
+    try:
+        a, b = split_url(url), split_url(base)
+    except BadRequest:
+        return False
+    return (a.host, a.port) == (b.host, b.port)
 
 
 def _jwt_claims(token: str) -> dict | None:
@@ -127,39 +126,30 @@ def _jwt_claims(token: str) -> dict | None:
     return claims if isinstance(header, dict) and isinstance(claims, dict) else None
 
 
-def _describe(exc: requests.RequestException, timeout_s: float) -> str:
-    """A cause safe to show (requests' own messages carry the URL with its query)."""
-    if isinstance(exc, requests.exceptions.SSLError):
-        return "TLS/SSL error (set VERIFY_SSL=false for a self-signed certificate)"
-    if isinstance(exc, requests.exceptions.Timeout) or "timed out" in str(exc).lower():
-        return f"timed out after {timeout_s:g} s"
-    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
-    return found.group(1).strip() if found else type(exc).__name__
-
-
 def _too_big(source: str, limit: int) -> ImageError:
     return ImageError(f"image from {source} is larger than the limit of {limit} bytes (MAX_IMAGE_BYTES)")
 
 
 class ImageLoader:
-    """Fetches (``fetch_bytes``) and decodes (``load``) task images; one instance serves all threads."""
+    """Fetches (``fetch_bytes``) and decodes (``load``) task images; one instance serves all threads.
 
-    def __init__(self, config: ImageSourceConfig, session: requests.Session | None = None) -> None:
+    ``resolve`` (``socket.getaddrinfo``'s signature; default the system's) is for tests, which must
+    not ask a real DNS server.
+    """
+
+    def __init__(self, config: ImageSourceConfig, resolve: Resolver | None = None) -> None:
         self.config = config
-        if session is None:  # pooled; no cookie jar shared between requests
-            session = requests.Session()
-            session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-            adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-        self._session = session
+        self.policy = OutboundPolicy.for_label_studio(config.label_studio_url, config.outbound_allow, resolve)
+        self._downloader = Downloader(self.policy, timeout_s=config.timeout_s, max_bytes=config.max_bytes,
+                                      verify_ssl=config.verify_ssl, max_redirects=config.max_redirects)
         self._lock = threading.Lock()  # guards _fallback
         self._fallback: tuple[str | None, str | None] = (None, None)
         self._refresh_lock = threading.Lock()  # guards _access, held while refreshing
         self._access: dict[tuple[str, str], tuple[str, float]] = {}  # (base, pat) -> (access, expiry)
 
     def set_fallback(self, hostname: str | None, access_token: str | None) -> None:
-        """From /setup: used only when LABEL_STUDIO_URL / API key are unset (thread-safe)."""
+        """From /setup: used only when LABEL_STUDIO_URL / API key are unset (thread-safe). The
+        hostname is a base for relative URLs, not a trusted host: /setup is open to any client."""
         with self._lock:
             self._fallback = (_base(hostname), access_token or None)
 
@@ -170,7 +160,8 @@ class ImageLoader:
     def load(self, url: str) -> LoadedImage:
         """Fetch and decode; ``digest`` hashes the bytes as fetched."""
         fetched = self._fetch(url)
-        return LoadedImage(_decode(fetched, self.config.max_pixels), hashlib.sha256(fetched.data).hexdigest())
+        pixels = decode_image(fetched.data, fetched.source, fetched.content_type, self.config.max_pixels)
+        return LoadedImage(pixels, hashlib.sha256(fetched.data).hexdigest())
 
     def _credentials(self) -> tuple[str | None, str | None]:
         with self._lock:
@@ -181,6 +172,8 @@ class ImageLoader:
         url = (url or "").strip()
         if not url:
             raise ImageError("the task has no image URL")
+        if "\x00" in url:
+            raise BadRequest("image URL contains a NUL character")
         scheme = urlsplit(url).scheme.lower() if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", url) else ""
         root = self.config.document_root
         if scheme in ("http", "https"):
@@ -188,7 +181,11 @@ class ImageLoader:
         if scheme == "data":
             return self._data_uri(url)
         if scheme == "file":
-            return self._local(unquote(urlsplit(url).path))
+            parts = urlsplit(url)
+            if parts.netloc not in ("", "localhost"):
+                raise BadRequest(f"file:// URLs name no host (got {parts.netloc!r}): only this machine's "
+                                 "LOCAL_FILES_DOCUMENT_ROOT is read")
+            return self._local(unquote(parts.path))
         if scheme:
             raise ImageError(f"cannot read {scheme}:// URLs: let Label Studio serve them (cloud storage with "
                              "'Use pre-signed URLs', or proxied through /tasks/<id>/resolve), or use http(s)")
@@ -196,10 +193,11 @@ class ImageLoader:
             d = (parse_qs(urlsplit(url).query).get("d") or [""])[-1]  # the last one wins, as in Django
             if not d:
                 raise BadRequest("Local Storage URL has no ?d= file path")
-            return self._local(posixpath.normpath(d).lstrip("/"))
+            return self._local(d.lstrip("/"))
         if not url.startswith("/"):
             return self._local(url)
-        if root is not None and "?" not in url and self._under_root(Path(posixpath.normpath(url)))[1]:
+        if root is not None and "?" not in url and ".." not in PurePosixPath(url).parts \
+                and self._under_root(Path(posixpath.normpath(url)))[1]:
             return self._local(url)
         base = self._credentials()[0]
         if base is None:
@@ -235,23 +233,39 @@ class ImageLoader:
         return (rel if inside else None), inside and lexical.is_file()
 
     def _local(self, path: str) -> _Fetched:
-        """Read a file given relative to LOCAL_FILES_DOCUMENT_ROOT, or absolute under it."""
+        """Read a regular file given relative to LOCAL_FILES_DOCUMENT_ROOT, or absolute under it."""
         root, limit = self.config.document_root, self.config.max_bytes
         if root is None:
             raise ImageError(f"image {path!r} is neither an http(s) nor a Label Studio URL; set "
                              "LOCAL_FILES_DOCUMENT_ROOT to read files from disk")
+        if "\x00" in path:
+            raise BadRequest("local file path contains a NUL character")
+        if ".." in PurePosixPath(path).parts:
+            raise BadRequest(f"local file path {path!r} must not contain '..'")
         lexical = Path(posixpath.normpath(root.absolute() / path))  # root / "/abs" is "/abs"
         rel = self._under_root(lexical)[0]
         if rel is None:
             raise BadRequest(f"local file path {path!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
         label = f"local file {str(rel)!r}"
         try:
-            with open(lexical, "rb") as handle:
-                data = handle.read(limit + 1)
+            # O_NONBLOCK: a FIFO must not block the request; the descriptor is then checked to be a
+            # regular file that is still under the root (a symlink swapped in after the check above)
+            fd = os.open(lexical, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ImageError(f"{label} not found under LOCAL_FILES_DOCUMENT_ROOT") from None
         except OSError as exc:
             raise ImageError(f"{label} could not be read: {exc.strerror or type(exc).__name__}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ImageError(f"{label} is not a regular file")
+        with os.fdopen(fd, "rb") as handle:
+            opened = Path(f"/proc/self/fd/{fd}")
+            if opened.exists() and not opened.resolve().is_relative_to(root.resolve()):
+                raise BadRequest(f"local file path {path!r} is outside LOCAL_FILES_DOCUMENT_ROOT")
+            try:
+                data = handle.read(limit + 1)
+            except OSError as exc:
+                raise ImageError(f"{label} could not be read: {exc.strerror or type(exc).__name__}") from None
         if len(data) > limit:
             raise _too_big(label, limit)
         log.debug("read %s (%d bytes)", label, len(data))
@@ -259,7 +273,7 @@ class ImageLoader:
 
     def _http(self, url: str) -> _Fetched:
         base, key = self._credentials()
-        if not (base and key and _host_port(url) == _host_port(base)):
+        if not (base and key and _same_host_port(url, base)):
             return self._get(url, {})
         claims = _jwt_claims(key)
         if claims is None or claims.get("token_type") == "access":
@@ -268,7 +282,7 @@ class ImageLoader:
         try:
             return self._get(url, {"Authorization": "Bearer " + access}, raise_401=True)
         except _Unauthorized:  # revoked or expired early: renew once
-            log.info("HTTP 401 from %s with a cached access token; refreshing it", _host(url))
+            log.info("HTTP 401 from %s with a cached access token; refreshing it", split_url(url).label)
             return self._get(url, {"Authorization": "Bearer " + self._access_token(base, key, stale=access)})
 
     def _access_token(self, base: str, pat: str, stale: str | None) -> str:
@@ -277,22 +291,22 @@ class ImageLoader:
             cached = self._access.get((base, pat))
             if cached and cached[0] != stale and cached[1] > time.time():
                 return cached[0]
-            host, timeout = _host(base), self.config.timeout_s
+            host = split_url(base).label
             try:
-                resp = self._session.post(base + _REFRESH_PATH, json={"refresh": pat}, allow_redirects=False,
-                                          timeout=(timeout, timeout), verify=self.config.verify_ssl)
-                body = resp.json() if resp.status_code == 200 else None
-            except requests.RequestException as exc:  # JSON errors included
-                if isinstance(exc, ValueError):
-                    body = None
-                else:
-                    raise ImageError(f"could not refresh the Label Studio token at {host}: "
-                                     f"{_describe(exc, timeout)}") from None
+                reply = self._downloader.request(
+                    "POST", base + _REFRESH_PATH, body=json.dumps({"refresh": pat}).encode(), max_redirects=0,
+                    headers={"Content-Type": "application/json", "Accept": "application/json"})
+            except FetchError as exc:
+                raise ImageError(f"could not refresh the Label Studio token at {host}: {exc.cause}") from None
+            try:
+                body = json.loads(reply.data) if reply.status == 200 else None
+            except ValueError:
+                body = None
             access = body.get("access") if isinstance(body, dict) else None
             if not isinstance(access, str) or not access:
-                log.warning("token refresh at %s failed: HTTP %d", host, resp.status_code)
+                log.warning("token refresh at %s failed: HTTP %d", host, reply.status)
                 raise ImageError(f"Label Studio at {host} did not accept the personal access token (HTTP "
-                                 f"{resp.status_code} from {_REFRESH_PATH}): check LABEL_STUDIO_API_KEY")
+                                 f"{reply.status} from {_REFRESH_PATH}): check LABEL_STUDIO_API_KEY")
             exp = (_jwt_claims(access) or {}).get("exp")
             expiry = exp - _EXPIRY_MARGIN_S if isinstance(exp, (int, float)) else time.time() + 240
             self._access[(base, pat)] = (access, expiry)
@@ -300,107 +314,26 @@ class ImageLoader:
             return access
 
     def _get(self, url: str, headers: dict[str, str], raise_401: bool = False) -> _Fetched:
-        host = _host(url)
-        try:
-            for attempt in Retrying(
-                retry=retry_if_exception_type(_Transient), stop=stop_after_attempt(3),
-                wait=wait_exponential(multiplier=0.1, max=1.0), reraise=True,
-                before_sleep=lambda st: log.warning("%s: %s; retrying", host, st.outcome.exception()),
-            ):
-                with attempt:
-                    return self._attempt(url, headers, host, raise_401)
-        except (_Transient, requests.RequestException) as exc:
-            cause = str(exc) if isinstance(exc, _Transient) else _describe(exc, self.config.timeout_s)
-            if "refused" in cause and urlsplit(url).hostname in ("localhost", "127.0.0.1", "::1"):
-                cause += _LOOPBACK_HINT
-            log.warning("could not fetch image from %s: %s", host, cause)
-            raise ImageError(f"could not fetch image from {host}: {cause}") from None
-        raise AssertionError("unreachable")
-
-    def _attempt(self, url: str, headers: dict[str, str], host: str, raise_401: bool) -> _Fetched:
-        timeout, limit = self.config.timeout_s, self.config.max_bytes
         started = time.monotonic()
         try:
-            resp = self._session.get(url, headers=headers, stream=True, timeout=(timeout, timeout),
-                                     verify=self.config.verify_ssl)
-        except requests.exceptions.ConnectionError as exc:
-            if isinstance(exc, requests.exceptions.SSLError):
-                raise
-            raise _Transient(_describe(exc, timeout)) from None
-        with resp:
-            status = resp.status_code
-            if _host(resp.url) != host:  # redirected, e.g. /tasks/<id>/resolve -> storage
-                host = f"{host} (redirected to {_host(resp.url)})"
-            if status in (502, 503, 504):
-                raise _Transient(f"HTTP {status}")
-            if status == 401 and raise_401:
-                raise _Unauthorized()
-            if status >= 400:
-                hint = " (check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""
-                log.warning("could not fetch image from %s: HTTP %d", host, status)
-                raise ImageError(f"could not fetch image from {host}: HTTP {status}{hint}")
-            declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise _too_big(host, limit)
-            chunks, size = [], 0
-            try:
-                for chunk in resp.iter_content(64 * 1024):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if size > limit:
-                        raise _too_big(host, limit)
-                    if time.monotonic() - started > timeout:
-                        raise ImageError(f"could not fetch image from {host}: timed out after {timeout:g} s")
-            except requests.exceptions.ChunkedEncodingError:
-                raise _Transient("connection broken while reading the body") from None
-        log.debug("fetched image from %s: HTTP %d, %d bytes, %.0f ms", host, status, size,
+            reply: Reply = self._downloader.request("GET", url, headers=headers)
+        except FetchError as exc:
+            cause = exc.cause
+            if "refused" in cause and split_url(url).host in ("localhost", "127.0.0.1", "::1"):
+                cause += _LOOPBACK_HINT
+            log.warning("could not fetch image from %s: %s", exc.source, cause)
+            if cause.startswith("larger than the limit"):
+                raise ImageError(f"image from {exc.source} is {cause}") from None
+            raise ImageError(f"could not fetch image from {exc.source}: {cause}") from None
+        status = reply.status
+        if status == 401 and raise_401 and reply.credentials_sent:
+            raise _Unauthorized()
+        if status >= 300:
+            hint = " (check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""
+            if 300 <= status < 400:
+                hint = " (a redirect without a Location)"
+            log.warning("could not fetch image from %s: HTTP %d", reply.source, status)
+            raise ImageError(f"could not fetch image from {reply.source}: HTTP {status}{hint}")
+        log.debug("fetched image from %s: HTTP %d, %d bytes, %.0f ms", reply.source, status, len(reply.data),
                   (time.monotonic() - started) * 1000)
-        return _Fetched(b"".join(chunks), host, resp.headers.get("Content-Type"))
-
-
-def _decode(fetched: _Fetched, max_pixels: int) -> np.ndarray:
-    """Bytes -> ``(H, W, 3)`` uint8 RGB, EXIF orientation applied; pixel count checked before decoding."""
-    try:
-        with _pillow_open()(io.BytesIO(fetched.data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(f"image from {fetched.source} is {width}x{height}, over the limit of "
-                                 f"{max_pixels} pixels (MAX_IMAGE_PIXELS)")
-            try:
-                upright = ImageOps.exif_transpose(image)
-            except Exception as exc:  # a broken EXIF block should not lose the image
-                log.warning("ignoring unreadable EXIF in image from %s: %s", fetched.source, exc)
-                upright = image
-            return _to_rgb(upright)
-    except ImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageError(f"image from {fetched.source} is too large to decode safely") from None
-    except UnidentifiedImageError:
-        cause = f"not a recognised image format ({len(fetched.data)} bytes"
-        cause += f" of {fetched.content_type})" if fetched.content_type else ")"
-    except Exception as exc:  # Pillow raises many types on corrupt data
-        cause = f"{type(exc).__name__}: {exc}"
-    log.warning("could not decode image from %s (%d bytes): %s", fetched.source, len(fetched.data), cause)
-    raise ImageError(f"could not decode image from {fetched.source}: {cause}")
-
-
-def _pillow_open():
-    """Pillow's own ``Image.open``. Importing ultralytics replaces it process-wide with a wrapper
-    that, on bytes Pillow cannot identify, tries to pip-install pi-heif: never on our request path."""
-    patches = sys.modules.get("ultralytics.utils.patches")
-    if patches is not None and Image.open is getattr(patches, "image_open", None):
-        return getattr(patches, "_image_open", Image.open)
-    return Image.open
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit integer and float greyscale
-        grey = np.asarray(image).astype(np.float32)
-        if image.mode.startswith("I;16") or (image.mode == "I" and grey.max(initial=0) > 255):
-            grey /= 257.0  # 16-bit range onto 8-bit
-        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode in ("P", "PA", "La"):  # palette transparency, premultiplied alpha
-        image = image.convert("RGBA")
-    return np.array(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+        return _Fetched(reply.data, reply.source, reply.content_type)

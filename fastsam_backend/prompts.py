@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from .errors import BadRequest
 from .protocol import Context, Region
 
+# CLIP reads 77 tokens (a few hundred characters); far longer texts only cost tokenizer time
+MAX_TEXT_CHARS = 1000
 POINT_TYPES = {"keypointlabels", "keypoint"}
 BOX_TYPES = {"rectanglelabels", "rectangle"}
 TEXT_TYPES = {"textarea"}
@@ -32,9 +34,7 @@ class PointPrompt:
 
     def in_pixels(self, width: int, height: int) -> tuple[int, int]:
         """Pixel column and row, clamped into the image."""
-        px = min(max(int(self.x / 100.0 * width), 0), width - 1)
-        py = min(max(int(self.y / 100.0 * height), 0), height - 1)
-        return px, py
+        return int(_clamp(self.x / 100.0 * width, 0, width - 1)), int(_clamp(self.y / 100.0 * height, 0, height - 1))
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,10 @@ class BoxPrompt:
 
     def in_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
         """``x0, y0, x1, y1`` pixels, clamped to the image, exclusive end, at least 1 px."""
-        x0 = min(max(math.floor(self.x0 / 100.0 * width), 0), width - 1)
-        y0 = min(max(math.floor(self.y0 / 100.0 * height), 0), height - 1)
-        x1 = min(max(math.ceil(self.x1 / 100.0 * width), x0 + 1), width)
-        y1 = min(max(math.ceil(self.y1 / 100.0 * height), y0 + 1), height)
+        x0 = math.floor(_clamp(self.x0 / 100.0 * width, 0, width - 1))
+        y0 = math.floor(_clamp(self.y0 / 100.0 * height, 0, height - 1))
+        x1 = math.ceil(_clamp(self.x1 / 100.0 * width, x0 + 1, width))
+        y1 = math.ceil(_clamp(self.y1 / 100.0 * height, y0 + 1, height))
         return x0, y0, x1, y1
 
 
@@ -79,6 +79,17 @@ class Prompts:
             if prompt.label:
                 return prompt.label
         return None
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    """``value`` within ``[low, high]``; huge percentages (1e308 overflows to inf in pixels) and NaN
+    (inf - inf in a rotated box) land on an edge instead of failing ``int()``."""
+    return low if value != value else min(max(value, low), high)
+
+
+def _size_or(value: float | None, default: float) -> float:
+    """A region's ``original_width``/``height`` when it is a positive finite number, else ``default``."""
+    return float(value) if value is not None and math.isfinite(value) and value > 0 else default
 
 
 def _number(value: float | None, where: str) -> float:
@@ -116,8 +127,8 @@ def _box(region: Region, where: str) -> BoxPrompt:
         return BoxPrompt(x, y, x + w, y + h, label)
     # LS rotates about the top-left corner; the prompt is the rotated box's axis-aligned hull.
     # Percent units differ per axis, so rotate in pixel-proportional units of the original size.
-    ow = float(region.original_width or 100.0)
-    oh = float(region.original_height or 100.0)
+    ow = _size_or(region.original_width, 100.0)
+    oh = _size_or(region.original_height, 100.0)
     theta = math.radians(rotation)
     cos, sin = math.cos(theta), math.sin(theta)
     corners = [(0.0, 0.0), (w * ow, 0.0), (w * ow, h * oh), (0.0, h * oh)]
@@ -126,11 +137,15 @@ def _box(region: Region, where: str) -> BoxPrompt:
     return BoxPrompt(min(xs), min(ys), max(xs), max(ys), label)
 
 
-def _text(region: Region) -> TextPrompt | None:
+def _text(region: Region, where: str) -> TextPrompt | None:
     texts = region.value.text
     if isinstance(texts, str):
         texts = [texts]
-    joined = " ".join(t.strip() for t in texts or () if t.strip())
+    texts = texts or []
+    if sum(len(t) for t in texts) > MAX_TEXT_CHARS:
+        raise BadRequest(f"{where}.value.text: text prompt is {sum(len(t) for t in texts)} characters long; "
+                         f"at most {MAX_TEXT_CHARS} are accepted (CLIP reads only the first few hundred)")
+    joined = " ".join(t.strip() for t in texts if t.strip())
     return TextPrompt(joined) if joined else None
 
 
@@ -155,7 +170,7 @@ def parse_context(context: Context | None) -> Prompts:
             points.append(_point(region, where))
         elif kind in BOX_TYPES:
             boxes.append(_box(region, where))
-        elif kind in TEXT_TYPES and (text := _text(region)) is not None:
+        elif kind in TEXT_TYPES and (text := _text(region, where)) is not None:
             texts.append(text)
         # other tools' regions (brush strokes, choices) are not prompts
     return Prompts(tuple(points), tuple(boxes), tuple(texts))

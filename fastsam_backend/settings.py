@@ -137,6 +137,24 @@ class Settings(BaseSettings):
         """Parameters that change the all-instance masks (go into cache keys and model_version)."""
         return {"imgsz": self.imgsz, "conf": self.conf, "iou": self.iou, "max_det": self.max_det}
 
+    # --- outbound requests (image downloads; see fastsam_backend/outbound.py) ---
+    outbound_allow: str | None = Field(
+        None, description="hosts, host:port, addresses and CIDR networks image downloads may reach although "
+        "they are loopback/private/link-local (comma- or space-separated); LABEL_STUDIO_URL's host:port always may"
+    )
+    outbound_max_redirects: int = Field(5, ge=0, le=20, description="redirects followed per image download")
+
+    @field_validator("outbound_allow")
+    @classmethod
+    def _valid_allow_list(cls, value: str | None) -> str | None:
+        """A typo in the allow-list fails at start-up, naming the entry, not on the first image."""
+        from .outbound import AllowList  # imported here: settings stays importable on its own
+
+        if value is not None and value.strip():
+            AllowList.parse(value)
+            return value
+        return None
+
 
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""

@@ -369,6 +369,8 @@ def main() -> int:
             be_env.pop(k, None)
         if not args.no_credentials:
             be_env.update(LABEL_STUDIO_URL=ls_url, LABEL_STUDIO_API_KEY=api_key)
+        else:  # /setup's hostname is not trusted by itself: Label Studio on loopback must be allowed
+            be_env.update(OUTBOUND_ALLOW=f"127.0.0.1:{ls_port},localhost:{ls_port}")
         basic = ("e2e", secrets.token_urlsafe(12)) if args.basic_auth else None
         if basic:
             be_env.update(BASIC_AUTH_USER=basic[0], BASIC_AUTH_PASS=basic[1])

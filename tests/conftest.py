@@ -14,6 +14,8 @@ FASTSAM_FIXTURE = MODELS / "fastsam-shapes.pt"
 # Inference settings for the fixture: its last stage trained at 640 (scripts/train_fastsam_fixture.py), conf 0.1.
 FIXTURE_IMGSZ = 640
 FIXTURE_CONF = 0.1
+# Every test server binds 127.0.0.1 (any port): allowed explicitly, the policy stays on.
+TEST_OUTBOUND_ALLOW = "127.0.0.1"
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -23,7 +25,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def image_server(tmp_path_factory):
-    """Serves a temp folder at http://127.0.0.1:<port>/ (the 'Label Studio' of the tests)."""
+    """Serves a temp folder at http://127.0.0.1:<port>/ (the 'Label Studio' of the tests; settings from
+    ``make_settings`` allow 127.0.0.1 in OUTBOUND_ALLOW, so it is reachable under any URL form)."""
     root = tmp_path_factory.mktemp("served")
     handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -51,9 +54,10 @@ def make_settings(fastsam_weights, tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("models")
 
     def make(**overrides):
+        # the test servers listen on 127.0.0.1, which the outbound policy refuses unless allowed
         base = dict(fastsam_weights=str(fastsam_weights), model_dir=model_dir, imgsz=FIXTURE_IMGSZ,
                     conf=FIXTURE_CONF, iou=0.7, allow_download=False, redis_url=None,
-                    load_on_start=False)
+                    load_on_start=False, outbound_allow=TEST_OUTBOUND_ALLOW)
         base.update(overrides)
         return Settings(**base)
 
@@ -79,3 +83,26 @@ def pytest_ignore_collect(collection_path, config):
     if "not model" in (config.getoption("markexpr") or "") and collection_path.name in TORCH_AT_IMPORT:
         return True
     return None
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch):
+    """Tests must reach nothing but 127.0.0.1/::1: image downloads that would connect elsewhere,
+    or ask DNS about any name but localhost, fail the test instead (the policy should have
+    refused them before; this is the net under it)."""
+    import ipaddress
+
+    from fastsam_backend import download, outbound
+
+    real_connect, real_resolve = download._connect, outbound.system_resolve
+
+    def connect(address, port, timeout):
+        assert ipaddress.ip_address(address).is_loopback, f"a test tried to connect to {address}:{port}"
+        return real_connect(address, port, timeout)
+
+    def resolve(host, *args, **kwargs):
+        assert host == "localhost", f"a test asked DNS about {host!r}"
+        return real_resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(download, "_connect", connect)
+    monkeypatch.setattr(outbound, "system_resolve", resolve)

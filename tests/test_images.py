@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 from fastsam_backend.errors import BadRequest, ImageError
 from fastsam_backend.images import ImageLoader, ImageSourceConfig
+from fastsam_backend.outbound import AllowList
+from tests.conftest import TEST_OUTBOUND_ALLOW
 
 LEGACY_KEY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -36,6 +37,11 @@ def _b64(obj: dict) -> str:
 def make_jwt(token_type: str, exp: float, jti: str = "x") -> str:
     return ".".join([_b64({"alg": "HS256", "typ": "JWT"}),
                      _b64({"token_type": token_type, "exp": int(exp), "jti": jti}), "c2lnbmF0dXJl"])
+
+
+def no_dns(host, *args, **kwargs):
+    """The machine has loopback only: a test must never ask a real resolver."""
+    raise AssertionError(f"a test looked up {host!r} in DNS")
 
 
 PAT = make_jwt("refresh", time.time() + 86400, "pat")
@@ -173,11 +179,11 @@ def other(servers):
 
 
 def make_loader(ls_url=None, key=None, **overrides) -> ImageLoader:
-    session = requests.Session()
-    session.trust_env = False  # never send test traffic through a proxy from the environment
+    """Both test servers listen on 127.0.0.1: allowed (OUTBOUND_ALLOW), the policy otherwise on."""
     overrides.setdefault("timeout_s", 2.0)
+    overrides.setdefault("outbound_allow", AllowList.parse(TEST_OUTBOUND_ALLOW))
     config = ImageSourceConfig(label_studio_url=ls_url, api_key=key, **overrides)
-    return ImageLoader(config, session=session)
+    return ImageLoader(config, resolve=no_dns)
 
 
 def assert_no_secret(exc: pytest.ExceptionInfo, caplog, *secrets: str) -> None:
@@ -488,6 +494,9 @@ def test_config_from_settings(tmp_path):
     )
     config = ImageSourceConfig.from_settings(settings)
     assert config == ImageSourceConfig("http://127.0.0.1:1", LEGACY_KEY, tmp_path, False, 3.0, 10, 20)
+    allowing = ImageSourceConfig.from_settings(load_settings(OUTBOUND_ALLOW="10.0.0.0/8, minio:9000",
+                                                             OUTBOUND_MAX_REDIRECTS=2))
+    assert allowing.outbound_allow == AllowList.parse("10.0.0.0/8 minio:9000") and allowing.max_redirects == 2
 
 
 @pytest.mark.model  # imports ultralytics, so torch

@@ -432,7 +432,7 @@ def fake_ls():
     state = {"status": 401, "calls": 0}
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             state["calls"] += 1
             self.send_response(state["status"])
             self.send_header("Content-Type", "application/json")
