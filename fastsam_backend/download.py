@@ -192,6 +192,8 @@ class Downloader:
             if reply is not None:
                 return reply
             if hop == hops:
+                if hops == 0:  # the caller follows none (the token refresh): the redirect is the answer
+                    return Reply(status, b"", None, source, bool(headers))
                 break
             url = urljoin(url, location)
             if status == 303 or (status in (301, 302) and method == "POST"):

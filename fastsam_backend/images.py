@@ -331,7 +331,7 @@ class ImageLoader:
         if status >= 300:
             hint = " (check LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)" if status in (401, 403) else ""
             if 300 <= status < 400:
-                hint = " (a redirect without a Location)"
+                hint = " (not followed: no Location header, or OUTBOUND_MAX_REDIRECTS=0)"
             log.warning("could not fetch image from %s: HTTP %d", reply.source, status)
             raise ImageError(f"could not fetch image from {reply.source}: HTTP {status}{hint}")
         log.debug("fetched image from %s: HTTP %d, %d bytes, %.0f ms", reply.source, status, len(reply.data),

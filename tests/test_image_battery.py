@@ -229,7 +229,9 @@ HTTP_CASES = {
     "redirect to a decimal address": Case("/to-decimal", r"image host 192\.168\.0\.1 is a private", OutboundRefused),
     "redirect to file:": Case("/to-file", r"scheme 'file' is not http\(s\)", OutboundRefused),
     "redirect with user info": Case("/to-userinfo", r"user name or password", BadRequest),
-    "redirect without Location": Case("/no-location", r"HTTP 302 \(a redirect without a Location\)"),
+    "redirect without Location": Case("/no-location", r"HTTP 302 \(not followed: no Location header"),
+    "no redirects allowed": Case("/chain1", r"HTTP 303 \(not followed.*OUTBOUND_MAX_REDIRECTS=0\)",
+                                 overrides=(("max_redirects", 0),)),
     "stall: headers never come": Case("/stall", r"timed out after 2 s waiting for the response headers", hits=1),
     "drip headers": Case("/drip-headers", r"timed out after 2 s waiting for the response headers"),
     "drip body": Case("/drip-body", r"timed out after 2 s reading the body \(\d+ bytes received\)", hits=1),
@@ -635,3 +637,18 @@ def test_a_symlink_swapped_in_after_the_check_is_still_refused(doc_root, monkeyp
     monkeypatch.setattr(images.ImageLoader, "_under_root", lambda self, p: (Path("escape-link.png"), True))
     with pytest.raises(BadRequest, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
         loader(document_root=doc_root).load("/data/local-files/?d=escape-link.png")
+
+
+def test_token_refresh_for_a_setup_hostname_is_vetted_too():
+    """A personal access token from /setup is exchanged at /setup's host: that POST is checked as well."""
+    import json
+
+    def b64(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    pat = ".".join([b64({"alg": "HS256"}), b64({"token_type": "refresh", "exp": time.time() + 600}), "c2ln"])
+    untrusting = loader(allow="")
+    untrusting.set_fallback("http://169.254.169.254:80", pat)
+    with pytest.raises(OutboundRefused, match=r"image host 169\.254\.169\.254:80 is a cloud metadata address") as exc:
+        untrusting.load("/data/upload/1/a.png")
+    assert pat not in str(exc.value)
