@@ -125,9 +125,11 @@ class RedisCache:
             retry=Retry(NoBackoff(), 1),  # one immediate retry: re-dials a pooled socket after a restart
         )  # fmt: skip
         self._errors_caught = (redis.RedisError, OSError)
+        self._refusals = redis.ResponseError  # the server answered (e.g. OOM under noeviction): not down
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._state = threading.Lock()
         self._down = False
+        self._refused = False  # a refusal was logged (once)
         self._retry_at = 0.0
         self._counts = {"hits": 0, "misses": 0, "errors": 0}
 
@@ -136,6 +138,13 @@ class RedisCache:
             return default
         try:
             result = fn()
+        except self._refusals as exc:
+            with self._state:
+                self._counts["errors"] += 1
+                first, self._refused = not self._refused, True
+            (log.warning if first else log.debug)("Redis %s refused %s (%s: %s); the cache is still read",
+                                                  self.url, what, type(exc).__name__, exc)
+            return default
         except self._errors_caught as exc:
             with self._state:
                 self._counts["errors"] += 1

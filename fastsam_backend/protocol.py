@@ -101,6 +101,8 @@ def _decode(decoder: msgspec.json.Decoder, data: bytes, route: str) -> Any:
         raise BadRequest(f"invalid {route} body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"{NOT_A_JSON_OBJECT}: {exc}") from None
+    except RecursionError:  # msgspec on free-form (``Any``) fields nested thousands deep
+        raise BadRequest(f"invalid {route} body: nested too deeply") from None
 
 
 def decode_predict(data: bytes) -> PredictRequest:

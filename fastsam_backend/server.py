@@ -118,7 +118,7 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     def webhook() -> tuple[Response, int]:
         body = _json_body()
         action = body.get("action")
-        if action not in TRAIN_EVENTS:
+        if not isinstance(action, str) or action not in TRAIN_EVENTS:
             return jsonify({"status": "Unknown event"}), 200
         return jsonify({"status": "ok", "result": service.fit(action, body)}), 201
 

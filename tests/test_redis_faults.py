@@ -197,9 +197,6 @@ def test_full_redis_refuses_writes_quietly(own_redis, caplog):
 
 
 @pytest.mark.parametrize("own_redis", [("--maxmemory", "1mb", "--maxmemory-policy", "noeviction")], indirect=True)
-@pytest.mark.xfail(strict=False, reason="RedisCache treats a refused write (OOM) like a dead server and skips "
-                                        "reads for retry_interval_s; cache.py should not mark Redis down on "
-                                        "a ResponseError")
 def test_full_redis_still_answers_reads(own_redis):
     raw = own_redis.raw()
     raw.config_set("maxmemory", "0")
@@ -253,13 +250,16 @@ def test_bad_entries_in_redis_are_recomputed_and_overwritten(own_redis, value, c
 
 
 def test_a_foreign_url_digest_entry_is_ignored(make_settings, image_server):
+    from fastsam_backend.quality.fake import GroundTruthSegmenter
     from fastsam_backend.server import create_app
+    from fastsam_backend.service import build_service
     from fastsam_backend.store import url_key
     from tests.helpers import LABEL_CONFIG, png_bytes
 
     root, base = image_server
     (root / "faults.png").write_bytes(png_bytes(np.full((32, 48, 3), 128, np.uint8)))
-    app = create_app(make_settings(label_studio_url=base))
+    settings = make_settings(label_studio_url=base, default_label="Banana")
+    app = create_app(settings, build_service(settings, GroundTruthSegmenter()))  # no model needed here
     app.extensions["fastsam_service"].store.cache.put(url_key("/faults.png"), b"\xff\xfe not a digest")
     response = app.test_client().post("/predict", json={"tasks": [{"data": {"image": "/faults.png"}}],
                                                         "label_config": LABEL_CONFIG})
