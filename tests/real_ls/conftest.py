@@ -44,6 +44,8 @@ def note(pytestconfig):
             print(line)
             return
         with capture.global_and_fixture_disabled():
+            if pytestconfig.option.verbose < 0:  # -q: after the progress dots, not beside them
+                reporter.write("\n")
             reporter.write_line(f"  [real_ls] {line}")
 
     return write
