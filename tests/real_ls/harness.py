@@ -1,4 +1,4 @@
-"""Processes and API plumbing for the real-Label-Studio tests: Label Studio, our backend, the API calls its UI makes.
+"""Processes and API plumbing for the real-Label-Studio tests: LS, our backend, the API calls LS's UI makes.
 
 ``LabelStudio.start`` runs Label Studio from ``.venv-ls`` (``scripts/install_test_env.sh``) on a free
 loopback port with SQLite in a temp folder, logs in through ``/user/login/`` and creates a personal
