@@ -82,3 +82,21 @@ def test_health_answers_during_the_load_and_requests_wait_for_it(make_settings, 
     response = client.post("/predict", json=body)  # waited for the load, then answered
     assert response.status_code == 200 and release.is_set()
     assert client.get("/health").json["state"] == "ready"
+
+
+def test_the_batch_budget_counts_task_work_not_the_load(make_settings, monkeypatch):
+    """A batch that arrives during the start-up load waits for it, then gets its whole budget: the
+    one-off wait cut a batch after 51 s of its 80 before."""
+    import threading
+
+    import numpy as np
+
+    from fastsam_backend.quality.lsrequests import LABEL_CONFIG, data_uri
+
+    settings = make_settings(load_on_start=True, batch_time_budget_s=0.3, default_label="Banana")
+    segmenter = GroundTruthSegmenter()
+    monkeypatch.setattr(segmenter, "load", lambda: threading.Event().wait(0.6))  # longer than the budget
+    client = create_app(settings, build_service(settings, segmenter)).test_client()
+    tasks = [{"id": i, "data": {"image": data_uri(np.full((8, 8, 3), i, np.uint8))}} for i in range(3)]
+    results = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG}).json["results"]
+    assert [("result" in r) for r in results] == [True, True, True], results

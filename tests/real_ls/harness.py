@@ -304,8 +304,8 @@ class Backend:
     def __init__(self, tmp: Path, ls: LabelStudio, name: str = "backend", **env: str) -> None:
         self.tmp, self.name, self.port = tmp, name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = backend_env(PORT=str(self.port), MODEL_DIR=str(tmp / "models"), LABEL_STUDIO_URL=ls.url,
-                               LABEL_STUDIO_API_KEY=ls.pat, **env)
+        self.env = backend_env(**{"PORT": str(self.port), "MODEL_DIR": str(tmp / "models"),
+                                  "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.pat, **env})
         self.proc: Proc | None = None
         self.starts = 0
 

@@ -129,3 +129,25 @@ def test_annotation_webhook_reaches_the_backend(project, backend, note):
     assert payload["action"] == "ANNOTATION_CREATED" and payload["annotation"]["task"] == task
     assert payload["project"]["id"] == project.id
     assert status == 201 and answer["status"] == "ok", (status, answer)
+
+
+def test_a_refused_token_is_shown_when_the_model_is_connected(label_studio, label_config, tmp_path):
+    """LS 1.23 disables legacy tokens for new organisations. Before, the model showed "Connected" and
+    every click returned nothing (LS swallows the backend's 4xx in the labeling UI). Now /setup asks
+    LS whether it accepts the token, and "Validate and Save" (POST /api/ml) shows the fix."""
+    from .harness import Backend
+
+    legacy = "0123456789abcdef0123456789abcdef01234567"  # a legacy-style key this LS does not accept
+    be = Backend(tmp_path, label_studio, name="refused-token-backend", LABEL_STUDIO_API_KEY=legacy).start()
+    try:
+        api = label_studio.api
+        pid = api.create_project("fastsam refused token", label_config)
+        answer = api.request("POST", "/api/ml", json={"url": be.url, "project": pid, "is_interactive": True,
+                                                     "title": "fastsam"})
+        print(f"Label Studio answered Validate and Save with HTTP {answer.status_code}: {answer.text[:400]}")
+        assert answer.status_code >= 400, answer.text[:400]
+        # LS shows only the status line of /setup's answer ("Reason: 422 Client Error: <reason> for url")
+        assert "Personal Access Token" in answer.text and "Legacy Tokens" in answer.text
+        assert legacy not in answer.text and legacy not in (tmp_path / "refused-token-backend.log").read_text()
+    finally:
+        be.stop()
