@@ -94,8 +94,10 @@ def test_the_batch_budget_counts_task_work_not_the_load(make_settings, monkeypat
     from fastsam_backend.quality.lsrequests import LABEL_CONFIG, data_uri
 
     settings = make_settings(load_on_start=True, batch_time_budget_s=0.3, default_label="Banana")
-    segmenter = GroundTruthSegmenter()
-    monkeypatch.setattr(segmenter, "load", lambda: threading.Event().wait(0.6))  # longer than the budget
+    segmenter, loaded = GroundTruthSegmenter(), threading.Event()
+    monkeypatch.setattr(segmenter, "load", lambda: loaded.wait(0.6) or loaded.set())  # longer than the budget
+    segment = segmenter.segment
+    monkeypatch.setattr(segmenter, "segment", lambda pixels: loaded.wait(5) and segment(pixels))  # as the model
     client = create_app(settings, build_service(settings, segmenter)).test_client()
     tasks = [{"id": i, "data": {"image": data_uri(np.full((8, 8, 3), i, np.uint8))}} for i in range(3)]
     results = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG}).json["results"]
