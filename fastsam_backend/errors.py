@@ -38,3 +38,9 @@ class ModelUnavailable(BackendError):
     """Weights are missing or failed to load; the message says which file and how to get it."""
 
     status = 503
+
+
+class DeadlineExceeded(BackendError):
+    """The request's deadline (``PREDICT_DEADLINE_S``) was spent; the message names the stage."""
+
+    status = 504

@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["fastsam_service"] = service
     if settings.load_on_start:
-        service.start_loading()  # gunicorn calls the factory in each worker, after fork
+        service.models.start_loading()  # gunicorn calls the factory in each worker, after fork
 
     @app.before_request
     def _start() -> Response | None:
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     def health() -> Response:
         """LS waits 1 s for it: never loads or downloads anything. ``state`` is ``loading``,
         ``ready`` or ``error`` (with ``error`` saying why); ``status`` stays ``UP`` so LS connects."""
-        state = service.state()
+        state = service.models.state()
         body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "ready": state["state"] != "error",
                                 "model_loaded": service.segmenter.loaded, "model_version": service.model_version,
                                 **state}

@@ -18,7 +18,8 @@ import numpy as np
 from . import metrics
 from .cache import make_cache
 from .clip_scorer import ClipConfig, ClipScorer
-from .errors import BackendError, BadRequest, ModelUnavailable
+from .deadline import Deadline
+from .errors import BackendError, BadRequest, DeadlineExceeded, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
 from .labelconfig import LabelConfig, OutputTag, parse_label_config
 from .lscheck import REFUSED_TOKEN_REASON, CredentialChecker
@@ -26,6 +27,7 @@ from .masks import MaskSet
 from .options import ProjectOptions
 from .prompts import Prompts, parse_context
 from .protocol import PredictRequest, SetupRequest, Task
+from .readiness import Models
 from .regions import brush_region, regions_for
 from .segmenter import Segmenter, SegmenterConfig
 from .selection import (
@@ -52,6 +54,7 @@ class ImageMasks:
     key: ImageKey
     masks: MaskSet
     image: LoadedImage | None = None
+    deadline: Deadline | None = None  # the request's, checked before each forward pass
 
 
 class FastSAMService:
@@ -68,8 +71,8 @@ class FastSAMService:
         self._projects: dict[str, ProjectOptions] = {}
         self._lock = threading.Lock()
         self._phrases: dict[tuple[str, ...], np.ndarray] = {}
-        self._clip_warned = False
-        self._loading: threading.Thread | None = None
+        self._cold = threading.BoundedSemaphore(settings.max_cold_images)  # decoded images + activations
+        self.models = Models(segmenter, clip if settings.clip_enabled else None, settings.load_wait_s)
         self.credentials = CredentialChecker(verify_ssl=settings.verify_ssl)
 
     # ----------------------------------------------------------------- setup
@@ -136,6 +139,7 @@ class FastSAMService:
         interactive request, or a batch where every task fails is answered with the error (4xx).
         """
         tasks = request.tasks
+        deadline = Deadline(self.settings.predict_deadline_s)
         options = self.options_for(request.project_id)
         config = parse_label_config(request.label_config or options.label_config)
         interactive = request.context is not None
@@ -143,11 +147,11 @@ class FastSAMService:
         if interactive and config.brush is None:
             raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
         if interactive or len(tasks) == 1:
-            self.wait_until_loaded()
-            return [self._predict_task(task, i, config, prompts if interactive else None, options)
+            self.models.wait_until_loaded()
+            return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline)
                     for i, task in enumerate(tasks)]
 
-        self.wait_until_loaded()  # the budget is for per-task work, not for a load after start-up
+        self.models.wait_until_loaded()  # the budget is for per-task work, not for a load after start-up
         budget = self.settings.batch_time_budget_s
         predictions: list[dict[str, Any]] = []
         first_failure: BackendError | None = None
@@ -165,7 +169,7 @@ class FastSAMService:
                 break
             task_started = time.monotonic()
             try:
-                predictions.append(self._predict_task(task, i, config, None, options))
+                predictions.append(self._predict_task(task, i, config, None, options, deadline))
                 metrics.BATCH_TASKS.labels(outcome="predicted").inc()
             except BackendError as exc:  # the image, the task's data, a model a label needs
                 log.warning("batch of %d tasks: %s skipped: %s", len(tasks), _task_name(task, i), exc.message)
@@ -179,9 +183,9 @@ class FastSAMService:
         return predictions
 
     def _predict_task(self, task: Task, index: int, config: LabelConfig, prompts: Prompts | None,
-                      options: ProjectOptions) -> dict[str, Any]:
+                      options: ProjectOptions, deadline: Deadline) -> dict[str, Any]:
         """``prompts`` None: pre-annotation (no context)."""
-        found = self.masks_for(task_image_url(task, config, index))
+        found = self.masks_for(task_image_url(task, config, index), deadline)
         if prompts is not None:
             result = self._answer_prompts(found, prompts, config, options, task.id)
         else:
@@ -190,20 +194,38 @@ class FastSAMService:
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
                 "model_version": self.version_for(options)}
 
-    def masks_for(self, image_url: str) -> ImageMasks:
-        """All-instance masks of the image at ``image_url``: from the cache, else segmented once."""
+    def masks_for(self, image_url: str, deadline: Deadline | None = None) -> ImageMasks:
+        """All-instance masks of the image at ``image_url``: from the cache, else segmented once.
+
+        At most ``MAX_COLD_IMAGES`` images are fetched, decoded and segmented at once in this
+        process (a burst of cold 12 MP images queues instead of exhausting memory); ``deadline``
+        is checked while waiting for a slot and before the forward pass.
+        """
+        deadline = deadline or Deadline(0)
         model_id, params = self.segmenter.identity, self.settings.inference_params()
         remember = self.settings.remember_image_urls
         if remember and (digest := self.store.digest_for_url(image_url)) is not None:
             key = ImageKey(digest, model_id, params)
             if (masks := self.store.peek_masks(key)) is not None:
                 metrics.CACHE_LOOKUPS.labels(result="hit").inc()
-                return ImageMasks(image_url, key, masks)
+                return ImageMasks(image_url, key, masks, deadline=deadline)
         if not self.segmenter.loaded and not self.segmenter.weights_available():
             raise ModelUnavailable(self.segmenter_missing_message())  # before downloading anything
+        left = deadline.left()
+        if not self._cold.acquire(timeout=left if left is not None else -1):
+            raise DeadlineExceeded(f"the request's deadline (PREDICT_DEADLINE_S={deadline.seconds:g} s) was spent "
+                                   f"waiting for one of the MAX_COLD_IMAGES={self.settings.max_cold_images} "
+                                   "slots (other cold images are being segmented)")
+        try:
+            return self._segment_cold(image_url, deadline, model_id, params)
+        finally:
+            self._cold.release()
+
+    def _segment_cold(self, image_url: str, deadline: Deadline, model_id: str, params: dict) -> ImageMasks:
         image = self.images.load(image_url)
-        if remember:
+        if self.settings.remember_image_urls:
             self.store.remember_url(image_url, image.digest)
+        deadline.check("segmenting the image (it took that long to fetch and decode)")
 
         def compute() -> MaskSet:
             started = time.perf_counter()
@@ -217,30 +239,26 @@ class FastSAMService:
         key = ImageKey(image.digest, model_id, params)
         masks, hit = self.store.masks(key, compute)
         metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-        return ImageMasks(image_url, key, masks, image)
+        return ImageMasks(image_url, key, masks, image, deadline)
 
     def crop_embeddings(self, found: ImageMasks) -> np.ndarray:
         """``(N, D)`` CLIP embeddings of the masks' crops, cached beside the masks."""
-        clip = self._require_clip()
+        clip = self.models.require_clip()
 
         def compute() -> np.ndarray:
+            if found.deadline is not None:
+                found.deadline.check("embedding the masks' crops with CLIP")
             found.image = found.image or self.images.load(found.url)
             return clip.embed_masks(found.image.pixels, found.masks)
 
         return self.store.embeddings(found.key, clip.identity, compute)
-
-    def _require_clip(self) -> ClipScorer:
-        if self.clip is None or not self.settings.clip_enabled:
-            raise ModelUnavailable("CLIP is disabled (CLIP_ENABLED=false): text prompts and zero-shot labels need it")
-        self.clip.load()
-        return self.clip
 
     def phrase_embeddings(self, phrases: tuple[str, ...]) -> np.ndarray:
         """Text embeddings, memoised per process (labels repeat on every task)."""
         with self._lock:
             found = self._phrases.get(phrases)
         if found is None:
-            found = self._require_clip().embed_texts(list(phrases))
+            found = self.models.require_clip().embed_texts(list(phrases))
             with self._lock:
                 self._phrases[phrases] = found
         return found
@@ -317,7 +335,7 @@ class FastSAMService:
             return LabelChoice.uniform(None, len(order))
         if mode is LabelMode.FIRST or len(tag.labels) <= 1 or not order:
             return LabelChoice.uniform(first, len(order))
-        if (why := self.zero_shot_unavailable()) is not None:
+        if (why := self.models.zero_shot_unavailable()) is not None:
             if options.default_label:
                 return LabelChoice.uniform(options.default_label, len(order))
             raise ModelUnavailable(
@@ -327,66 +345,6 @@ class FastSAMService:
         phrases = LabelPhrases.of(tag)
         return choose_labels(self.crop_embeddings(found)[order], self.phrase_embeddings(phrases.phrases), phrases,
                              min_similarity=options.label_min_similarity, default_label=options.default_label)
-
-    def zero_shot_unavailable(self) -> str | None:
-        """Why zero-shot labels are off (None: CLIP is there or can load); loads CLIP if it can."""
-        try:
-            self._require_clip()
-            return None
-        except ModelUnavailable as exc:
-            if not self._clip_warned:
-                self._clip_warned = True
-                log.warning("zero-shot labels are off: %s", exc.message)
-            return exc.message
-
-    # ---------------------------------------------------------------- loading
-    def start_loading(self) -> threading.Thread:
-        """Load the models in the background now (each worker, after fork), so the first request
-        does not pay for it; a request that arrives meanwhile waits for the load (bounded)."""
-        thread = threading.Thread(target=self._load_all, name="fastsam-load", daemon=True)
-        self._loading = thread
-        thread.start()
-        return thread
-
-    def _load_all(self) -> None:
-        started = time.perf_counter()
-        try:
-            self.segmenter.load()
-        except ModelUnavailable as exc:
-            log.error("FastSAM could not be loaded: %s", exc.message)
-        if self.clip is not None:
-            self.zero_shot_unavailable()
-        log.info("models loaded in %.1f s", time.perf_counter() - started)
-
-    def wait_until_loaded(self) -> None:
-        """Block until a background load started by ``start_loading`` is over (at most
-        ``LOAD_WAIT_S``); then the caller's own load attempt answers."""
-        thread = self._loading
-        if thread is not None and thread.is_alive():
-            thread.join(self.settings.load_wait_s)
-            if thread.is_alive():
-                raise ModelUnavailable(f"the models are still loading after {self.settings.load_wait_s:g} s "
-                                       "(LOAD_WAIT_S); retry in a moment", status=503)
-
-    def state(self) -> dict[str, Any]:
-        """For /health: ``loading``, ``ready`` or ``error`` (with why), and whether zero-shot labels work."""
-        seg = self.segmenter
-        if self._loading is not None and self._loading.is_alive():
-            state: dict[str, Any] = {"state": "loading"}
-        elif seg.loaded or (seg.error is None and seg.weights_available()):
-            state = {"state": "ready"}
-        else:
-            state = {"state": "error", "error": seg.error or self.segmenter_missing_message()}
-        clip = self.clip
-        if clip is None:
-            state["zero_shot_labels"] = "off: CLIP_ENABLED=false"
-        elif clip.loaded or (clip.available() and not (self._loading and self._loading.is_alive())):
-            state["zero_shot_labels"] = "on" if clip.loaded else "available"
-        elif not clip.available():
-            state["zero_shot_labels"] = f"off: {clip.error or 'CLIP cannot be loaded (see the log)'}"
-        else:
-            state["zero_shot_labels"] = "loading"
-        return state
 
 
 def _task_name(task: Task, index: int) -> str:

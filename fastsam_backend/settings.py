@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     batch_time_budget_s: float = Field(
         80.0, ge=0, description="a multi-task /predict stops starting tasks after this long (0 = never)"
     )
+    predict_deadline_s: float = Field(
+        90.0, ge=0, lt=100, description="a /predict is answered 504 once it has run this long, checked between "
+        "stages (LS gives up after 100 s); 0 = none"
+    )
+    max_cold_images: int = Field(
+        2, ge=1, description="images fetched, decoded and segmented at once per worker; others queue"
+    )
     load_on_start: bool = Field(
         True, description="each worker loads its models in the background as soon as it starts"
     )

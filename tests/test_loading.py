@@ -8,6 +8,7 @@ labeling UI that had called /predict.
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -35,12 +36,12 @@ def no_sockets(monkeypatch):
 
 def test_with_downloads_off_nothing_is_contacted_and_clip_says_which_setting(make_settings, no_sockets):
     service = build_service(make_settings(fastsam_weights="FastSAM-s.pt"))  # released name, not on disk
-    service._load_all()  # what the background thread runs
-    why = service.zero_shot_unavailable()
+    service.models.load_all()  # what the background thread runs
+    why = service.models.zero_shot_unavailable()
     assert no_sockets == []
     assert "FASTSAM_ALLOW_DOWNLOAD=false" in why and "OPEN_CLIP_PRETRAINED" in why
-    assert service.state()["state"] == "error" and "FastSAM-s.pt" in service.state()["error"]
-    assert service.state()["zero_shot_labels"].startswith("off: ")
+    assert service.models.state()["state"] == "error" and "FastSAM-s.pt" in service.models.state()["error"]
+    assert service.models.state()["zero_shot_labels"].startswith("off: ")
 
 
 def test_with_downloads_on_an_unreachable_hub_fails_within_the_deadline(make_settings, monkeypatch):
@@ -102,3 +103,78 @@ def test_the_batch_budget_counts_task_work_not_the_load(make_settings, monkeypat
     tasks = [{"id": i, "data": {"image": data_uri(np.full((8, 8, 3), i, np.uint8))}} for i in range(3)]
     results = client.post("/predict", json={"tasks": tasks, "label_config": LABEL_CONFIG}).json["results"]
     assert [("result" in r) for r in results] == [True, True, True], results
+
+
+def _slow_images(service, seconds: float, gate=None):
+    """The service's image loader, each load taking ``seconds``; records how many ran at once."""
+    import threading
+
+    real_load, state = service.images.load, {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    def load(url):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(seconds)
+        with lock:
+            state["now"] -= 1
+        return real_load(url)
+
+    service.images.load = load
+    return state
+
+
+def _tasks(n: int):
+    import numpy as np
+
+    from fastsam_backend.quality.lsrequests import data_uri
+
+    return [{"id": i, "data": {"image": data_uri(np.full((8, 8, 3), i, np.uint8))}} for i in range(n)]
+
+
+def test_a_predict_past_its_deadline_is_a_504_naming_the_stage(make_settings):
+    from fastsam_backend.quality.lsrequests import LABEL_CONFIG
+
+    settings = make_settings(predict_deadline_s=0.2, default_label="Banana")
+    service = build_service(settings, GroundTruthSegmenter())
+    _slow_images(service, 0.4)
+    client = create_app(settings, service).test_client()
+    response = client.post("/predict", json={"tasks": _tasks(1), "label_config": LABEL_CONFIG})
+    assert response.status_code == 504
+    assert "PREDICT_DEADLINE_S=0.2" in response.json["error"] and "before segmenting" in response.json["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_cold_images_queue_behind_max_cold_images(make_settings):
+    """A burst of cold images is segmented MAX_COLD_IMAGES at a time; one that cannot get a slot
+    before its deadline is a 504 saying so."""
+    import threading
+
+    from fastsam_backend.quality.lsrequests import LABEL_CONFIG
+
+    settings = make_settings(max_cold_images=1, default_label="Banana")
+    service = build_service(settings, GroundTruthSegmenter())
+    state = _slow_images(service, 0.2)
+    client = create_app(settings, service).test_client()
+    statuses: list[int] = []
+
+    def ask(task):
+        statuses.append(client.post("/predict", json={"tasks": [task], "label_config": LABEL_CONFIG}).status_code)
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in _tasks(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert statuses == [200] * 4 and state["most"] == 1
+    hurried = make_settings(max_cold_images=1, predict_deadline_s=0.1, default_label="Banana")
+    service = build_service(hurried, GroundTruthSegmenter())
+    _slow_images(service, 0.5)
+    client = create_app(hurried, service).test_client()
+    first = threading.Thread(target=ask, args=(_tasks(1)[0],))
+    first.start()
+    time.sleep(0.05)
+    second = client.post("/predict", json={"tasks": _tasks(2)[1:], "label_config": LABEL_CONFIG})
+    first.join(5)
+    assert second.status_code == 504 and "MAX_COLD_IMAGES=1" in second.json["error"]

@@ -417,7 +417,7 @@ def test_model_version_does_not_depend_on_whether_clip_loaded(make_settings):
                                open_clip_pretrained=str(MODELS / "missing.pt"))
     service = real_service(configured)
     before = service.model_version
-    assert service.zero_shot_unavailable() is not None  # configured, but cannot load
+    assert service.models.zero_shot_unavailable() is not None  # configured, but cannot load
     assert service.model_version == before and "+clip-" in before
     released = real_service(make_settings(fastsam_weights="FastSAM-s.pt"))
     assert released.model_version.startswith("FastSAM-s-i")  # a release is named, downloaded or not
