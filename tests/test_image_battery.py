@@ -34,7 +34,8 @@ from fastsam_backend.errors import BadRequest, ImageError
 from fastsam_backend.images import ImageLoader, ImageSourceConfig
 from fastsam_backend.outbound import AllowList, OutboundRefused
 
-TIMEOUT_S = 1.0  # the drip and stall cases wait this long: short keeps the fast lane fast
+TIMEOUT_S = 0.5  # the drip and stall cases wait this long: short keeps the fast lane fast
+DRIP_S = 0.1  # a byte this often: well inside any per-read timeout, so only a total deadline stops it
 SLACK_S = 2.0
 RNG = np.random.default_rng(7)
 PIXELS = RNG.integers(0, 255, (24, 32, 3), dtype=np.uint8)
@@ -141,21 +142,21 @@ def _no_dns(host, *args):
 
 
 # --- routes --------------------------------------------------------------------------------------------------
-def drip(handler: Handler, declared: int | None = 100, headers_too: bool = False) -> None:
-    """One byte every 0.5 s: of the status line (``headers_too``) or of the body."""
+def drip(handler: Handler, declared: int | None = 100, headers_too: bool = False, every: float = DRIP_S) -> None:
+    """One byte every ``every`` seconds: of the status line (``headers_too``) or of the body."""
     head = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\n"
     head += f"Content-Length: {declared}\r\n".encode() if declared is not None else b""
     head += b"\r\n"
     if headers_too:
         for byte in head:
             handler.raw(bytes([byte]))
-            if not handler.wait(0.5):
+            if not handler.wait(every):
                 return
     else:
         handler.raw(head)
     for byte in PNG * 10:
         handler.raw(bytes([byte]))
-        if not handler.wait(0.5):
+        if not handler.wait(every):
             return
 
 
@@ -232,10 +233,10 @@ HTTP_CASES = {
     "redirect without Location": Case("/no-location", r"HTTP 302 \(not followed: no Location header"),
     "no redirects allowed": Case("/chain1", r"HTTP 303 \(not followed.*OUTBOUND_MAX_REDIRECTS=0\)",
                                  overrides=(("max_redirects", 0),)),
-    "stall: headers never come": Case("/stall", r"timed out after 1 s waiting for the response headers", hits=1),
-    "drip headers": Case("/drip-headers", r"timed out after 1 s waiting for the response headers"),
-    "drip body": Case("/drip-body", r"timed out after 1 s reading the body \(\d+ bytes received\)", hits=1),
-    "drip body without length": Case("/drip-body-nolength", r"timed out after 1 s reading the body"),
+    "stall: headers never come": Case("/stall", r"timed out after 0.5 s waiting for the response headers", hits=1),
+    "drip headers": Case("/drip-headers", r"timed out after 0.5 s waiting for the response headers"),
+    "drip body": Case("/drip-body", r"timed out after 0.5 s reading the body \(\d+ bytes received\)", hits=1),
+    "drip body without length": Case("/drip-body-nolength", r"timed out after 0.5 s reading the body"),
     "declared over the limit": Case("/big-declared", r"larger than the limit of 1000 bytes.*Content-Length 5000",
                                     overrides=(("max_bytes", 1000),)),
     "undeclared over the limit": Case("/big-undeclared", r"larger than the limit of 1000 bytes",
@@ -275,7 +276,7 @@ def test_http_battery(site, case: Case, caplog):
 def test_a_drip_feeding_server_is_cut_at_the_total_deadline(site):
     """The regression: one byte per 0.5 s used to hold a request for 120 s (each read reset the timeout)."""
     base, state = site
-    state["routes"]["/drip-body"] = drip
+    state["routes"]["/drip-body"] = lambda h: drip(h, every=0.5)
     started = time.monotonic()
     with pytest.raises(ImageError, match=r"timed out after 2 s reading the body"):
         loader(timeout_s=2.0).fetch_bytes(base + "/drip-body")
