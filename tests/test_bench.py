@@ -31,10 +31,9 @@ def test_smoke_bench_writes_every_section(tmp_path):
     assert result["machine"]["cpu"] and result["machine"]["cores"] >= 1 and result["machine"]["torch"]
     for name in SECTIONS:
         section = result["sections"][name]
-        assert section["status"] in {"ok", "error", "skipped"}, (name, section)
-        if section["status"] == "error":
-            assert section["error"], name
-        elif section["status"] == "skipped":
+        # a section that errors is a broken benchmark (the warm section once was, unnoticed)
+        assert section["status"] in {"ok", "skipped"}, (name, section.get("error"), section.get("traceback"))
+        if section["status"] == "skipped":
             assert section["skipped"], name
         else:
             assert set(section) - BOOKKEEPING, f"{name} has no figures"

@@ -173,3 +173,11 @@ def test_regions_limited_to_a_box_are_the_same_regions():
                     assert [r["value"] for r in boxed] == [r["value"] for r in plain], (seed, tag.kind, box)
                     checked += 1
     assert checked > 100
+
+
+def test_captured_requests_are_found_by_path_and_kind():
+    from fastsam_backend.quality.lsrequests import captured
+
+    assert captured("/setup", interactive=False)["project"]  # the kind only sorts /predict bodies
+    assert captured("/predict", interactive=True)["params"]["context"]["result"]
+    assert captured("/predict", interactive=False)["params"]["context"] is None

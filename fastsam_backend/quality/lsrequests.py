@@ -105,7 +105,7 @@ def captured(path: str, interactive: bool | None = None) -> dict[str, Any]:
     for req in _captured():
         if req["path"] != path:
             continue
-        if interactive is None or bool(req["body"]["params"]["context"]) == interactive:
+        if interactive is None or path != "/predict" or bool(req["body"]["params"]["context"]) == interactive:
             return copy.deepcopy(req["body"])
     raise KeyError(path)
 
