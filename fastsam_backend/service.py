@@ -52,6 +52,7 @@ class ImageMasks:
     key: ImageKey
     masks: MaskSet
     image: LoadedImage | None = None
+    computed: bool = False  # this call segmented the image (a miss everywhere); the warm jobs count it
 
 
 class FastSAMService:
@@ -217,7 +218,15 @@ class FastSAMService:
         key = ImageKey(image.digest, model_id, params)
         masks, hit = self.store.masks(key, compute)
         metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-        return ImageMasks(image_url, key, masks, image)
+        return ImageMasks(image_url, key, masks, image, computed=not hit)
+
+    def image_key_if_cached(self, image_url: str) -> ImageKey | None:
+        """The image's key when its URL is remembered and its masks are in the cache; downloads and
+        decodes nothing (a key lookup), so enqueuers can skip what is warm already."""
+        if not self.settings.remember_image_urls or (digest := self.store.digest_for_url(image_url)) is None:
+            return None
+        key = ImageKey(digest, self.segmenter.identity, self.settings.inference_params())
+        return key if self.store.has_masks(key) else None
 
     def crop_embeddings(self, found: ImageMasks) -> np.ndarray:
         """``(N, D)`` CLIP embeddings of the masks' crops, cached beside the masks."""
