@@ -125,12 +125,11 @@ class ProjectClient:
         predictions = _retrying("prediction listing")(self._ls.predictions.list, task=task_id)
         return frozenset(v for v in (_as_dict(p).get("model_version") for p in predictions) if v)
 
-    def write_prediction(self, task_id: int, prediction: dict[str, Any], model_version: str) -> bool:
-        """POST the prediction; False if the task turned out to hold one of this version already."""
+    def write_prediction(self, task_id: int, prediction: dict[str, Any], model_version: str) -> None:
+        """POST the prediction; a retry first checks whether the last POST landed after all."""
         for attempt in _retrying("prediction write"):
             with attempt:
                 if attempt.retry_state.attempt_number > 1 and model_version in self.model_versions(task_id):
-                    return False  # the earlier POST landed; its answer was what got lost
+                    return  # the earlier POST was stored; its answer was what got lost
                 self._ls.predictions.create(task=task_id, result=prediction["result"],
                                             score=float(prediction.get("score", 0.0)), model_version=model_version)
-        return True

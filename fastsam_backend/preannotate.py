@@ -156,10 +156,8 @@ def run_in_process(service: FastSAMService, client: ProjectClient, *, limit: int
                     summary.done += 1
                 else:
                     try:
-                        if client.write_prediction(task.id, prediction, version):
-                            summary.done += 1
-                        else:
-                            summary.skipped += 1
+                        client.write_prediction(task.id, prediction, version)
+                        summary.done += 1
                     except Exception as exc:  # out of retries, or refused: reported, the run goes on
                         summary.failed.append({"task": task.id, "reason": f"writing the prediction: {describe(exc)}"})
                 bar.update(1)
@@ -220,7 +218,8 @@ def write_one(service: FastSAMService, client: ProjectClient, task_id: int, mode
     request = predict_request([{"id": task.id, "data": task.data}], label_config=client.label_config(),
                               project=str(client.project_id))
     prediction = service.predict(request)[0]  # one task: a failure raises (BadRequest is never retried)
-    return "written" if client.write_prediction(task_id, prediction, model_version) else "skipped"
+    client.write_prediction(task_id, prediction, model_version)
+    return "written"
 
 
 _CLIENTS: dict[tuple[str, int], ProjectClient] = {}
