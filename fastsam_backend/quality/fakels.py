@@ -2,10 +2,10 @@
 
 ``GET /api/projects/<id>/``, ``GET /api/tasks/?project=&page=&page_size=`` (404 past the last page,
 as Label Studio answers), ``GET /api/tasks/<id>/``, ``GET|POST /api/predictions/`` and the task
-images under ``/data/upload/``. Tokens are checked (``Token <key>``). ``fail_posts`` makes that many
-prediction POSTs answer 503 *after* storing the prediction -- the lost-answer case a careful
-client must not turn into a duplicate. For tests, benchmarks and the README's demonstration run;
-real-Label-Studio tests live under ``tests/real_ls/``.
+images under ``/data/upload/`` (``delays`` slows some down). Tokens are checked (``Token <key>``).
+``fail_posts`` makes that many prediction POSTs answer 503 *after* storing the prediction -- the
+lost-answer case a careful client must not turn into a duplicate. For tests, benchmarks and the
+README's demonstration run; real-Label-Studio tests live under ``tests/real_ls/``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ class FakeLabelStudio:
     predictions: list[dict[str, Any]] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)
     fail_posts: int = 0
+    delays: dict[str, float] = field(default_factory=dict)  # image path -> seconds before it is served
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_project(self, project_id: int, label_config: str) -> None:
@@ -124,8 +126,10 @@ def serve(fake: FakeLabelStudio, port: int = 0) -> tuple[http.server.ThreadingHT
         def do_GET(self) -> None:
             if self.path.startswith("/api/"):
                 self._api("GET")
-            else:
-                super().do_GET()
+                return
+            if delay := fake.delays.get(urlsplit(self.path).path):
+                time.sleep(delay)  # a slow image host: keeps a job busy long enough to kill its worker
+            super().do_GET()
 
         def do_POST(self) -> None:
             self._api("POST")
