@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench quality clean
+.PHONY: run test test-fast test-env lint bench quality clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -13,7 +13,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.s
 run: $(STAMP)
 	$(VENV)/bin/fastsam-backend serve
 
-test: $(STAMP)
+# What tests/real_ls needs besides .venv: Label Studio in .venv-ls, Chromium + chromedriver, selenium.
+test-env: $(STAMP)
+	PY=$(PY) PROJECT_PY=$(VENV)/bin/python scripts/install_test_env.sh
+
+test: $(STAMP) test-env
 	$(VENV)/bin/python -m pytest
 
 # The inner loop: everything but the tests that load a real model or drive a real Label Studio
@@ -36,4 +40,4 @@ quality: $(STAMP)
 	$(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-ls .pytest_cache .ruff_cache

@@ -56,10 +56,11 @@ def _app(ctx: Context, inputs: dict[str, Any], ls_base: str):
 
 def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
     """Each step of a click on its own, through the public functions the service composes."""
+    from fastsam_backend.morphology import smooth_mask
     from fastsam_backend.prompts import parse_context
     from fastsam_backend.protocol import decode_predict
     from fastsam_backend.rle import encode_rle
-    from fastsam_backend.selection import select_by_box, select_by_points, smooth_mask
+    from fastsam_backend.selection import select_by_box, select_by_points
 
     rule, morphology = service.settings.point_rule, service.settings.morphology
     parse, lookup, select, morph, rle, dump = [], [], [], [], [], []

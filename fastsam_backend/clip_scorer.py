@@ -19,6 +19,7 @@ from PIL import Image
 from .digest import file_digest
 from .errors import ModelUnavailable
 from .masks import MaskSet
+from .reach import require_reachable
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -144,18 +145,28 @@ class ClipScorer:
 
     def _load(self) -> None:
         self._check_loadable()
+        cfg = self.config
+        pretrained = cfg.pretrained
+        if pretrained and not Path(pretrained).suffix:  # a released tag: fetched from the hub
+            from huggingface_hub.constants import ENDPOINT
+
+            require_reachable(ENDPOINT, f"CLIP weights '{pretrained}'",
+                              "set OPEN_CLIP_PRETRAINED to a local checkpoint file, or FASTSAM_ALLOW_DOWNLOAD=false "
+                              "(never try), or CLIP_ENABLED=false")
         import open_clip
         import torch
 
-        cfg = self.config
         name = cfg.model
         if name.endswith(".json"):
             open_clip.add_model_config(Path(name))
             name = Path(name).stem
-        pretrained = cfg.pretrained
-        try:
+
+        def create() -> tuple[Any, Any, Any]:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained or None)
-            tokenizer = open_clip.get_tokenizer(name)
+            return model, preprocess, open_clip.get_tokenizer(name)
+
+        try:
+            model, preprocess, tokenizer = create()
         except Exception as exc:  # missing hub files, unknown names: many exception types
             raise ModelUnavailable(
                 f"CLIP model '{name}' with weights '{pretrained}' could not be loaded ({exc}). "

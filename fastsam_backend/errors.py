@@ -12,9 +12,12 @@ class BackendError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # The HTTP status line's reason phrase: Label Studio shows only that ("Reason: 422 Client Error:
+        # <reason> for url: .../setup") on Validate and Save, not the JSON body.
+        self.reason = reason
         if status is not None:
             self.status = status
 

@@ -25,6 +25,10 @@ FIX = ("use a personal access token (Label Studio: Account & Settings → Person
        "LABEL_STUDIO_API_KEY, or enable legacy tokens for the organisation (Organization → API Tokens "
        "Settings → Legacy Tokens) to use a legacy key")
 
+# what Label Studio's "Validate and Save" can show (the status line's reason phrase; ASCII, one line)
+REFUSED_TOKEN_REASON = ("Label Studio refused LABEL_STUDIO_API_KEY - use a Personal Access Token, or enable "
+                        "Legacy Tokens (Organization - API Tokens Settings)")
+
 
 @dataclass(frozen=True)
 class CredentialCheck:

@@ -141,12 +141,12 @@ def _text(region: Region, where: str) -> TextPrompt | None:
     texts = region.value.text
     if isinstance(texts, str):
         texts = [texts]
-    texts = texts or []
-    if sum(len(t) for t in texts) > MAX_TEXT_CHARS:
-        raise BadRequest(f"{where}.value.text: text prompt is {sum(len(t) for t in texts)} characters long; "
+    # LS sends every text submitted so far in this TextArea, oldest first: the prompt is the latest
+    latest = next((t.strip() for t in reversed(texts or []) if t.strip()), "")
+    if len(latest) > MAX_TEXT_CHARS:
+        raise BadRequest(f"{where}.value.text: text prompt is {len(latest)} characters long; "
                          f"at most {MAX_TEXT_CHARS} are accepted (CLIP reads only the first few hundred)")
-    joined = " ".join(t.strip() for t in texts if t.strip())
-    return TextPrompt(joined) if joined else None
+    return TextPrompt(latest) if latest else None
 
 
 def parse_context(context: Context | None) -> Prompts:

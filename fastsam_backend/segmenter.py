@@ -26,6 +26,7 @@ from .boxmasks import decode_box_masks
 from .digest import file_digest
 from .errors import ModelUnavailable
 from .masks import MaskSet
+from .reach import require_reachable
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -154,12 +155,6 @@ class Segmenter:
             if self._error and time.monotonic() - self._error[0] < RETRY_AFTER_S:
                 raise ModelUnavailable(self._error[1])
             try:
-                if self.config.torch_threads > 0:
-                    import torch
-
-                    # several workers each using every core slow each other down (bench: 2 workers
-                    # on 2 cores gave 0.83x the images/min of one)
-                    torch.set_num_threads(self.config.torch_threads)
                 self._model, self._device = self._load_model(), self._pick_device()
                 self._error = None
             except ModelUnavailable as exc:
@@ -171,14 +166,15 @@ class Segmenter:
         # by default); set before its first import. Downloads of released weights still work.
         os.environ.setdefault("YOLO_AUTOINSTALL", "false")
         os.environ.setdefault("YOLO_OFFLINE", "false" if self.config.allow_download else "true")
-        from ultralytics import FastSAM
-
         cfg = self.config
         path = resolve_weights(cfg.weights, cfg.model_dir)
         name = Path(cfg.weights).name
         if path is None:
             if not (cfg.allow_download and name in RELEASED_WEIGHTS and Path(cfg.weights).parent == Path(".")):
                 raise ModelUnavailable(missing_weights_message(cfg.weights, cfg.model_dir))
+            require_reachable(RELEASED_WEIGHTS[name], f"FastSAM weights '{name}'",
+                              f"put the file into {cfg.model_dir}/ or set FASTSAM_WEIGHTS to its path, or "
+                              "FASTSAM_ALLOW_DOWNLOAD=false (never try)")
             cfg.model_dir.mkdir(parents=True, exist_ok=True)
             target = cfg.model_dir / name
             try:
@@ -189,7 +185,15 @@ class Segmenter:
                 raise ModelUnavailable(missing_weights_message(cfg.weights, cfg.model_dir, str(exc))) from exc
             if not path.is_file():
                 raise ModelUnavailable(missing_weights_message(cfg.weights, cfg.model_dir, "no file written"))
+        if cfg.torch_threads > 0:  # after the weights are found: a missing file needs no torch
+            import torch
+
+            # several workers each using every core slow each other down (bench: 2 workers
+            # on 2 cores gave 0.83x the images/min of one)
+            torch.set_num_threads(cfg.torch_threads)
         log.info("loading FastSAM weights %s", path)
+        from ultralytics import FastSAM
+
         try:
             model = FastSAM(str(path))
         except Exception as exc:

@@ -9,19 +9,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
 from .masks import MaskSet
+from .morphology import inner_objects, smooth_mask
 from .settings import PointRule
 
 log = logging.getLogger(__name__)
 
-# Morphology is sized to the mask: specks and holes below this fraction of the
-# mask's area go (never below the pixel floor, so tiny masks are not eaten).
-SPECK_FRACTION = 0.01
-HOLE_FRACTION = 0.01
-MIN_MORPH_PIXELS = 16
 # The smallest-mask rule also takes covering masks this similar to its pick: the same object found twice.
 DUPLICATE_IOU = 0.5
 
@@ -97,88 +92,6 @@ def _paint_casia(masks: MaskSet, inside: np.ndarray, positive: np.ndarray) -> tu
     return out, used
 
 
-def smooth_mask(mask: np.ndarray, keep_points: np.ndarray | None = None,
-                box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-    """Remove specks and fill small holes, both sized to the mask's area.
-
-    A component containing one of ``keep_points`` (``(K, 2)`` x, y) is never removed.
-    Works on the mask's bounding box only, so cost follows object size, not image size;
-    ``box`` (``x0, y0, x1, y1``, exclusive end), when the caller knows one that holds the
-    whole mask, saves scanning the image for it.
-    """
-    if box is None:
-        rows = np.flatnonzero(mask.any(axis=1))
-        if rows.size == 0:
-            return mask
-        cols = np.flatnonzero(mask.any(axis=0))
-        box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
-    y0, y1 = max(box[1] - 1, 0), min(box[3] + 1, mask.shape[0])
-    x0, x1 = max(box[0] - 1, 0), min(box[2] + 1, mask.shape[1])
-    crop = mask[y0:y1, x0:x1]
-    area = int(np.count_nonzero(crop))
-    if area == 0:
-        return mask
-    speck = max(MIN_MORPH_PIXELS, int(SPECK_FRACTION * area))
-    hole = max(MIN_MORPH_PIXELS, int(HOLE_FRACTION * area))
-    changed = False
-
-    # Plain labelling + a histogram: OpenCV's *WithStats variant costs 5x more (boxes, centroids).
-    n, labels = cv2.connectedComponents(crop.view(np.uint8), connectivity=8)
-    cleaned = crop
-    if n > 2:  # several pieces: drop the specks (one piece is the whole area, never a speck)
-        labelled = _Labels(labels, n)
-        keep = labelled.areas() >= speck
-        keep[0] = False
-        if keep_points is not None:
-            for x, y in _as_points(keep_points):
-                if y0 <= y < y1 and x0 <= x < x1 and (label := labels[y - y0, x - x0]) != 0:
-                    keep[label] = True
-        if not keep[1:].all():
-            cleaned, changed = labelled.paint(keep), True
-
-    # Holes: background components that do not touch the crop border (the crop has
-    # a 1 px margin wherever the image allows, so outside background touches it).
-    nb, blabels = cv2.connectedComponents(1 - cleaned.view(np.uint8), connectivity=4)
-    border = np.unique(np.concatenate([blabels[0], blabels[-1], blabels[:, 0], blabels[:, -1]]))
-    if nb - 1 > np.count_nonzero(border):  # some background component is enclosed (label 0 is the mask)
-        labelled = _Labels(blabels, nb)
-        fill = labelled.areas() < hole
-        fill[0] = False
-        fill[border] = False
-        if fill.any():
-            cleaned, changed = cleaned | labelled.paint(fill), True
-
-    if not changed:
-        return mask
-    out = mask.copy()
-    out[y0:y1, x0:x1] = cleaned
-    return out
-
-
-class _Labels:
-    """A label image with per-label pixel counts and per-label painting. With at most 256
-    labels (nearly always) OpenCV's 8-bit histogram and table lookup do it, 2-4x faster
-    than numpy's bincount and gather over int32 labels."""
-
-    def __init__(self, labels: np.ndarray, n: int) -> None:
-        self.labels, self.n = labels, n
-        # float32 histogram counts are exact below 2**24 pixels
-        self.small = labels.astype(np.uint8) if n <= 256 and labels.size < 1 << 24 else None
-
-    def areas(self) -> np.ndarray:
-        if self.small is None:
-            return np.bincount(self.labels.reshape(-1), minlength=self.n)
-        return cv2.calcHist([self.small], [0], None, [256], [0, 256]).reshape(-1)[: self.n].astype(np.int64)
-
-    def paint(self, table: np.ndarray) -> np.ndarray:
-        """``(H, W)`` bool: ``table[label]`` of every pixel."""
-        if self.small is None:
-            return table[self.labels]
-        lut = np.zeros(256, np.uint8)
-        lut[: self.n] = table
-        return cv2.LUT(self.small, lut).view(bool)
-
-
 def select_by_points(
     masks: MaskSet,
     points: np.ndarray,
@@ -228,7 +141,8 @@ def select_by_points(
     if not _any_inside(merged, box):
         return None
     if morphology:
-        merged = smooth_mask(merged, keep_points=points[positive], box=box)
+        merged = smooth_mask(merged, keep_points=points[positive], box=box, open_points=points[~positive],
+                             objects=inner_objects(masks, used, box))
     score = float(masks.scores[used].mean())
     return Selection(merged, score, tuple(int(i) for i in used), box)
 
@@ -294,7 +208,7 @@ def select_by_box(
         return None
     mask = masks.mask(best)
     used = [best]
-    refine_points = None  # the foreground clicks that refined the mask, kept by smoothing
+    refine_points = refine_open = None  # the clicks that refined the mask, respected by smoothing
     x0, y0, x1, y1 = box
     if points is not None and len(points):
         pts = _as_points(points)
@@ -314,10 +228,11 @@ def select_by_box(
             clip = np.zeros_like(mask)
             clip[y0:y1, x0:x1] = True
             mask &= clip
-            refine_points = pts[pos]
+            refine_points, refine_open = pts[pos], pts[~pos]
     union = masks.union_box(used)
     if morphology and refine_points is not None and _any_inside(mask, union):
-        mask = smooth_mask(mask, keep_points=refine_points, box=union)
+        mask = smooth_mask(mask, keep_points=refine_points, box=union, open_points=refine_open,
+                           objects=inner_objects(masks, used, union))
     if not _any_inside(mask, union):
         return None
     return Selection(mask, float(masks.scores[best]), tuple(used), union)

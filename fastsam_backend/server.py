@@ -78,11 +78,13 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
         return response
 
     @app.errorhandler(BackendError)
-    def _backend_error(exc: BackendError) -> tuple[Response, int]:
+    def _backend_error(exc: BackendError) -> Response:
         metrics.ERRORS.labels(kind=type(exc).__name__).inc()
         log.warning("%s %s -> %d %s: %s [%s]", request.method, request.path, exc.status,
                     type(exc).__name__, exc.message, g.get("request_id"))
-        return _error(exc.message, exc.status)
+        response, status = _error(exc.message, exc.status)
+        response.status = f"{status} {exc.reason}" if exc.reason else status
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:

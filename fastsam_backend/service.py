@@ -21,7 +21,7 @@ from .clip_scorer import ClipConfig, ClipScorer
 from .errors import BackendError, BadRequest, ModelUnavailable
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
 from .labelconfig import LabelConfig, OutputTag, parse_label_config
-from .lscheck import CredentialChecker
+from .lscheck import REFUSED_TOKEN_REASON, CredentialChecker
 from .masks import MaskSet
 from .options import ProjectOptions
 from .prompts import Prompts, parse_context
@@ -104,7 +104,7 @@ class FastSAMService:
         if self.settings.label_studio_url and token:
             check = self.credentials.check(self.settings.label_studio_url, token)
             if check.accepted is False:
-                raise BadRequest(check.message, status=422)
+                raise BadRequest(check.message, status=422, reason=REFUSED_TOKEN_REASON)
         options = self._defaults.with_overrides(request.extra_params, request.schema)
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:

@@ -69,11 +69,14 @@ def test_rotated_box_becomes_its_hull():
 
 def test_text_and_other_regions():
     prompts = parse({"result": [
-        {"type": "textarea", "value": {"text": ["a red", "circle"]}},
+        # LS sends every text submitted so far in the TextArea: the second prompt is the one asked now
+        {"type": "textarea", "value": {"text": ["a yellow hexagon", " a red circle "]}},
         {"type": "brushlabels", "value": {"rle": [1, 2]}},
         {"type": "choices", "value": {"choices": ["x"]}},
     ]})
     assert prompts.texts == (TextPrompt("a red circle"),) and not prompts.points and not prompts.boxes
+    assert parse({"result": [{"type": "textarea", "value": {"text": ["a red circle", "  "]}}]}).texts == (
+        TextPrompt("a red circle"),)
 
 
 @pytest.mark.parametrize("context", [None, {}, {"result": []}])

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from fastsam_backend.masks import MaskSet
-from fastsam_backend.selection import box_ious, select_by_box, select_by_points, smooth_mask
+from fastsam_backend.morphology import smooth_mask
+from fastsam_backend.selection import box_ious, select_by_box, select_by_points
 from fastsam_backend.settings import PointRule
 
 H, W = 40, 60
@@ -203,3 +204,34 @@ def test_smoothing_matches_the_plain_rule(seed):
     pts = np.argwhere(mask)[:2][:, ::-1] if mask.any() else None
     np.testing.assert_array_equal(smooth_mask(mask, keep_points=pts), _smooth_reference(mask, pts))
     np.testing.assert_array_equal(smooth_mask(mask), _smooth_reference(mask))
+
+
+def _outer_with_inner(inner_side: int = 6) -> MaskSet:
+    """A 60x60 square with a small square object inside it (a hole in the outer mask, under 1 % of
+    its area, so small-hole filling would take it), and the inner object itself."""
+    outer = np.zeros((80, 80), bool)
+    outer[10:70, 10:70] = True
+    inner = np.zeros_like(outer)
+    inner[30:30 + inner_side, 30:30 + inner_side] = True
+    outer &= ~inner
+    return MaskSet.from_dense(np.stack([outer, inner]), np.array([0.9, 0.8]))
+
+
+@pytest.mark.parametrize("rule", list(PointRule))
+def test_an_object_inside_the_selection_is_not_filled_in(rule):
+    """Seen in the real UI: hole filling put an enclosed object back into the outer object's mask,
+    and an Alt-click on it could not take it out."""
+    masks = _outer_with_inner()
+    inner = masks.mask(1)
+    plain = select_by_points(masks, np.array([[15, 15]]), np.array([True]), rule=rule)
+    assert plain is not None and not (plain.mask & inner).any()
+    cut = select_by_points(masks, np.array([[15, 15], [32, 32]]), np.array([True, False]), rule=rule)
+    assert cut is not None and not (cut.mask & inner).any() and cut.mask[15, 15]
+
+
+def test_a_hole_under_a_background_click_stays_open_and_noise_holes_still_fill():
+    mask = np.zeros((80, 80), bool)
+    mask[10:70, 10:70] = True
+    mask[30:35, 30:35] = False  # a small hole that is no object
+    assert smooth_mask(mask)[32, 32]  # filled, as before
+    assert not smooth_mask(mask, open_points=np.array([[32, 32]]))[32, 32]

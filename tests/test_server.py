@@ -457,6 +457,7 @@ def test_setup_says_when_label_studio_refuses_the_token(make_settings, fake_ls, 
     refused = client.post("/setup", json=captured("/setup"))
     assert refused.status_code == 422
     assert "personal access token" in refused.json["error"] and "Legacy Tokens" in refused.json["error"]
+    assert "Personal Access Token" in refused.status  # the reason phrase LS shows on Validate and Save
     assert token not in refused.get_data(as_text=True) and token not in caplog.text
     assert "refused the legacy token" in caplog.text
     client.post("/setup", json=captured("/setup"))

@@ -1,0 +1,1 @@
+"""Tests against a real Label Studio (see conftest.py)."""
