@@ -72,10 +72,15 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 
 def _task(raw: Any) -> LsTask:
+    """Versions from both of what Label Studio may send: the predictions themselves (``fields=all``)
+    and the Data Manager's column ``predictions_model_versions`` -- a display string there
+    (``"v1, v2"``, cut at a length limit), a list elsewhere."""
     item = _as_dict(raw)
-    versions = item.get("predictions_model_versions") or [
-        p.get("model_version") for p in (_as_dict(p) for p in item.get("predictions") or [])]
-    return LsTask(int(item["id"]), dict(item.get("data") or {}), frozenset(v for v in versions if v))
+    versions = {_as_dict(p).get("model_version") for p in item.get("predictions") or [] if p is not None}
+    column = item.get("predictions_model_versions")
+    versions.update(column.split(",") if isinstance(column, str) else column or [])
+    return LsTask(int(item["id"]), dict(item.get("data") or {}),
+                  frozenset(v.strip() for v in versions if isinstance(v, str) and v.strip()))
 
 
 class ProjectClient:

@@ -148,7 +148,17 @@ def run_in_process(service: FastSAMService, client: ProjectClient, *, limit: int
         for start in range(0, len(todo), batch_size):
             if stop:
                 break
-            batch = todo[start:start + batch_size]
+            # asked again right before the work: the listing's column can be cut short, and another
+            # run (or a worker) may have predicted the task since it was listed
+            batch = []
+            for task in todo[start:start + batch_size]:
+                if version in client.model_versions(task.id):
+                    summary.skipped += 1
+                    bar.update(1)
+                else:
+                    batch.append(task)
+            if not batch:
+                continue
             for task, prediction in zip(batch, predict_tasks(service, batch, label_config, client.project_id)):
                 if "error" in prediction:
                     summary.failed.append({"task": task.id, "reason": prediction["error"]})

@@ -49,7 +49,9 @@ class FakeLabelStudio:
 
     def _task_view(self, task: dict[str, Any]) -> dict[str, Any]:
         preds = [p for p in self.predictions if p["task"] == task["id"]]
+        versions = ", ".join(sorted({str(p["model_version"]) for p in preds}))  # LS: a display string
         return {**task, "annotations": [], "predictions": preds, "total_predictions": len(preds),
+                "predictions_model_versions": versions,
                 "total_annotations": 0, "cancelled_annotations": 0}
 
     # ------------------------------------------------------------------------------ the routes
