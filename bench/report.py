@@ -81,6 +81,16 @@ def _extras(sections: dict[str, Any]) -> list[str]:
     for name, fig in tp.items():
         out.append(f"throughput {name}: {fig['images_per_minute']} images/min, "
                    f"peak RSS {fig['max_worker_peak_rss_mb']} MiB/worker, {fig['regions_per_image_mean']} regions")
+    queue = sections.get("queue", {})
+    if "one" in queue:
+        line = (f"queue: warm job p50 {queue['one']['job']['p50_ms']:.0f} ms in a worker vs bare segment "
+                f"{queue['bare_forward']['p50_ms']:.0f} ms (1 core) = {queue['job_over_bare_forward']}x; "
+                f"1 worker {queue['one']['images_per_minute']} img/min")
+        if "two" in queue:
+            line += (f", 2 workers (1 core each) {queue['two']['images_per_minute']} img/min = efficiency "
+                     f"{queue['scaling_efficiency']}; enqueue -> cached ({queue['images']} images): "
+                     f"{queue['one']['enqueue_to_cached_s']} s / {queue['two']['enqueue_to_cached_s']} s")
+        out.append(line)
     ov = sections.get("onnx", {}).get("runs", {}).get("openvino", {})
     if "segment" in ov:
         out.append(f"openvino {ov['openvino']}: everything pass p50 {ov['segment']['p50_ms']:.0f} ms = "

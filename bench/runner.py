@@ -16,7 +16,7 @@ from typing import Any
 from .common import MODES, Context, machine
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx")
+SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx", "queue")
 
 
 def _section(name: str) -> Callable[[Context], dict[str, Any]]:

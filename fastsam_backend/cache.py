@@ -61,6 +61,11 @@ class EmbeddedCache:
             self._counts["hits"] += 1
             return item[0]
 
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            item = self._data.get(key)
+            return item is not None and not (item[1] and item[1] <= self._clock())
+
     def put(self, key: str, value: bytes) -> None:
         value = bytes(value)
         size = len(value) + len(key)
@@ -168,6 +173,10 @@ class RedisCache:
         with self._state:
             self._counts["hits" if value is not None else "misses"] += 1
         return value
+
+    def contains(self, key: str) -> bool:
+        """``EXISTS``: whether an entry is there, without transferring it (False when Redis is down)."""
+        return bool(self._call("exists", lambda: self._client.exists(self.prefix + key), 0))
 
     def put(self, key: str, value: bytes) -> None:
         if self.ttl_s > 0:

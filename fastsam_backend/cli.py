@@ -1,4 +1,5 @@
-"""``fastsam-backend`` / ``python -m fastsam_backend``: serve, quality, export-onnx.
+"""``fastsam-backend`` / ``python -m fastsam_backend``: serve, quality, export-onnx, and the job
+queues' worker, warm and preannotate (``cli_jobs``).
 
 The benchmarks live in the repository (``python -m bench`` from a checkout), not in the wheel.
 """
@@ -15,12 +16,13 @@ import click
 from .settings import load_settings
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))  # a line per LS call
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +42,7 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
     overrides = {k: v for k, v in {"bind_host": host, "port": port, "workers": workers, "threads": threads}.items()
                  if v is not None}
     settings = load_settings(**overrides)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # metrics of all workers, summed (set before fork so every worker writes there)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="fastsam-metrics-")
@@ -86,7 +88,7 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
 
     overrides = {k: v for k, v in {"fastsam_weights": weights, "imgsz": imgsz}.items() if v is not None}
     settings = load_settings(**overrides)
-    _configure_logging("WARNING")
+    configure_logging("WARNING")
     service = build_service(settings)
     text = False
     if service.clip is not None:
@@ -134,7 +136,7 @@ def export_onnx(weights: str | None, imgsz: int | None) -> None:
 
     overrides = {k: v for k, v in {"fastsam_weights": weights, "imgsz": imgsz}.items() if v is not None}
     settings = load_settings(**overrides)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     path = Segmenter(SegmenterConfig.from_settings(settings)).export_onnx()
     click.echo(f"exported {path}; serve it with FASTSAM_WEIGHTS={path}")
 
@@ -145,6 +147,11 @@ def _child_exit(server, worker) -> None:
 
         multiprocess.mark_process_dead(worker.pid)
 
+
+from .cli_jobs import preannotate, warm, worker  # noqa: E402 - they use configure_logging above
+
+for _command in (worker, warm, preannotate):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

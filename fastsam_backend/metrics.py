@@ -8,6 +8,7 @@ happened to answer.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +18,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 100)
 
@@ -31,12 +33,21 @@ BATCH_TASKS = Counter("fastsam_batch_tasks_total", "Tasks of multi-task (pre-ann
                       ["outcome"])  # predicted, failed (image not had), deferred (time budget spent)
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for this process, or for all workers in multiprocess mode."""
+def render(extra: Iterable[Collector] = ()) -> tuple[bytes, str]:
+    """The exposition text for this process, or for all workers in multiprocess mode, plus the
+    ``extra`` collectors (read at scrape time: the job queues' state in Redis)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+        text = generate_latest(registry)
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        text = generate_latest(REGISTRY)
+    extra = list(extra)
+    if extra:
+        registry = CollectorRegistry(auto_describe=False)
+        for collector in extra:
+            registry.register(collector)
+        text += generate_latest(registry)
+    return text, CONTENT_TYPE_LATEST

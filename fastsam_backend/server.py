@@ -16,10 +16,12 @@ from typing import Any
 import orjson
 from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from redis import RedisError
 from werkzeug.exceptions import HTTPException
 
 from . import metrics
 from .errors import BackendError, BadRequest
+from .jobs import JobQueues, JobsCollector, QueueConfig, warm_new_tasks
 from .protocol import NOT_A_JSON_OBJECT, decode_predict, decode_setup
 from .service import FastSAMService, build_service
 from .settings import Settings, load_settings
@@ -27,6 +29,7 @@ from .settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "FastSAMBackend"
+TASKS_CREATED = "TASKS_CREATED"  # enqueues warm jobs for the new tasks' images (README: Scaling out)
 TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING"}
 UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials
 
@@ -116,17 +119,31 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     def predict() -> Response:
         return jsonify({"results": service.predict(decode_predict(_raw_json_body()))})
 
+    queue_config = QueueConfig.from_settings(settings)
+    queues: list[JobQueues] = []  # made on the first TASKS_CREATED (no Redis connection before)
+    collectors = [JobsCollector(queue_config)] if queue_config is not None else []
+
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
         body = _json_body()
         action = body.get("action")
+        if action == TASKS_CREATED:
+            if queue_config is None:
+                return jsonify({"status": "ok", "warm": "off: REDIS_URL is unset (the job queues live in Redis)"}), 201
+            if not queues:
+                queues.append(JobQueues(queue_config))
+            try:
+                return jsonify({"status": "ok", "warm": warm_new_tasks(queues[0], service, body)}), 201
+            except RedisError as exc:
+                raise BackendError(f"could not enqueue warm jobs: Redis failed ({type(exc).__name__})",
+                                   status=503) from None
         if not isinstance(action, str) or action not in TRAIN_EVENTS:
             return jsonify({"status": "Unknown event"}), 200
         return jsonify({"status": "ok", "result": service.fit(action, body)}), 201
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        payload, content_type = metrics.render()
+        payload, content_type = metrics.render(collectors)
         return Response(payload, content_type=content_type)
 
     return app

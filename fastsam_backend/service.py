@@ -55,6 +55,7 @@ class ImageMasks:
     masks: MaskSet
     image: LoadedImage | None = None
     deadline: Deadline | None = None  # the request's, checked before each forward pass
+    computed: bool = False  # this call segmented the image (a miss everywhere); the warm jobs count it
 
 
 class FastSAMService:
@@ -239,7 +240,15 @@ class FastSAMService:
         key = ImageKey(image.digest, model_id, params)
         masks, hit = self.store.masks(key, compute)
         metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-        return ImageMasks(image_url, key, masks, image, deadline)
+        return ImageMasks(image_url, key, masks, image, deadline, computed=not hit)
+
+    def image_key_if_cached(self, image_url: str) -> ImageKey | None:
+        """The image's key when its URL is remembered and its masks are in the cache; downloads and
+        decodes nothing (a key lookup), so enqueuers can skip what is warm already."""
+        if not self.settings.remember_image_urls or (digest := self.store.digest_for_url(image_url)) is None:
+            return None
+        key = ImageKey(digest, self.segmenter.identity, self.settings.inference_params())
+        return key if self.store.has_masks(key) else None
 
     def crop_embeddings(self, found: ImageMasks) -> np.ndarray:
         """``(N, D)`` CLIP embeddings of the masks' crops, cached beside the masks."""

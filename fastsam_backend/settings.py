@@ -82,6 +82,20 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(24 * 3600, ge=0, description="0 = no expiry")
     cache_max_bytes: int = Field(512 * 1024 * 1024, ge=0, description="embedded cache bound")
 
+    # --- background jobs (RQ workers; see fastsam_backend/jobs.py) -------------------
+    queue_redis_url: str | None = Field(
+        None, description="Redis of the job queues; unset = REDIS_URL (the cache's own Redis)"
+    )
+    queue_prefix: str = Field("fastsam-", pattern=r"^[A-Za-z0-9_.:-]*$",
+                              description="prefix of the queue names, job ids and bookkeeping keys")
+    job_timeout_s: int = Field(60, ge=5, le=3600, description="a job running longer is stopped (and retried)")
+    job_retries: int = Field(3, ge=0, le=20, description="retries of a failed or abandoned job")
+    job_retry_intervals: str = Field(
+        "5,30,120", pattern=r"^\s*\d+(\s*,\s*\d+)*\s*$",
+        description="seconds before retry 1, 2, ... (the last one repeats)"
+    )
+    job_result_ttl_s: int = Field(3600, ge=0, description="how long finished jobs and their results are kept")
+
     # --- images ------------------------------------------------------------
     remember_image_urls: bool = Field(
         True, description="map an image URL to its content digest in the cache, so a click on a "
@@ -126,8 +140,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(256 * 1024 * 1024, gt=0)
 
     @field_validator(
-        "redis_url", "label_studio_url", "basic_auth_user", "default_label", "local_files_document_root",
-        "label_studio_api_key", "basic_auth_pass", mode="before",
+        "redis_url", "queue_redis_url", "label_studio_url", "basic_auth_user", "default_label",
+        "local_files_document_root", "label_studio_api_key", "basic_auth_pass", mode="before",
     )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

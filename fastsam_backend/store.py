@@ -132,6 +132,15 @@ class MaskStore:
         """The image's masks if they are in memory or in the cache; never computes."""
         return self.peek(cache_key(image.digest, image.model_id, image.params), MASKS)
 
+    def has_masks(self, image: ImageKey) -> bool:
+        """Whether the image's masks are cached (a key lookup: nothing is transferred or decoded)."""
+        key = cache_key(image.digest, image.model_id, image.params)
+        with self._mu:
+            if key in self._memory:
+                return True
+        contains = getattr(self.cache, "contains", None)
+        return bool(contains(key)) if contains is not None else self.cache.get(key) is not None
+
     def masks(self, image: ImageKey, compute: Callable[[], MaskSet]) -> tuple[MaskSet, bool]:
         """``(masks, was_hit)``: cached, or computed once (see ``get_or_compute``)."""
         return self.get_or_compute(cache_key(image.digest, image.model_id, image.params), compute, MASKS)

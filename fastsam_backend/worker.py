@@ -1,0 +1,223 @@
+"""``fastsam-backend worker``: RQ workers that load the models once per process.
+
+Not RQ's default fork-per-job work horse, which would load the models again for every job and
+cannot use CUDA after a fork: each process runs one ``SimpleWorker`` loop, jobs execute in it and
+the models stay loaded. ``--processes N`` spawns (never forks) N such processes and restarts one
+that dies.
+
+A worker killed in the middle of a job (SIGKILL, the OOM killer, a lost machine) leaves the job in
+RQ's started registry. Each worker refreshes its running job's entry every ``HEARTBEAT_S``, so the
+entry goes stale ``HEARTBEAT_TTL_S`` after the process died however long the job may run. A
+maintenance thread -- in one worker at a time, under a Redis lock -- cleans the registries every
+``CLEANUP_S`` (a stale job goes back to its queue as one of its retries, or to the failed registry)
+and enqueues retries whose backoff is due (RQ's scheduler, run in this thread instead of in a
+forked process). So a job whose worker died runs again within about half a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+from . import jobs
+from .errors import BadRequest
+from .jobs import JobKind, QueueConfig
+from .settings import Settings, available_cores
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5
+HEARTBEAT_TTL_S = 20
+CLEANUP_S = 5
+TICK_S = 1.0
+WORKER_TTL_S = 35  # RQ blocks in BLPOP for WORKER_TTL_S - 15 s between its own checks
+LOCK_TTL_MS = 5000
+
+# take the lock, or refresh it if it is ours (one script, so two workers never both hold it)
+_LOCK_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+
+
+def _kind_of(job: Any, config: QueueConfig) -> JobKind:
+    return JobKind.PREANNOTATE if job.origin == config.queue_name(JobKind.PREANNOTATE) else JobKind.WARM
+
+
+def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, name: str | None = None) -> Any:
+    """A ``FastSAMWorker`` on ``queue_names`` (built here so that ``rq`` is imported only when needed)."""
+    from rq import Queue, SimpleWorker
+    from rq.serializers import JSONSerializer
+    from rq.worker import WorkerStatus
+
+    class FastSAMWorker(SimpleWorker):
+        """SimpleWorker + a heartbeat for the running job, the retry policy and outcome counters."""
+
+        def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
+            return HEARTBEAT_TTL_S  # kept fresh by _beat while the job runs (RQ: the job timeout + 60 s)
+
+        def execute_job(self, job: Any, queue: Any) -> None:
+            execution = self.prepare_execution(job)
+            done = threading.Event()
+            beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
+            beat.start()
+            try:
+                self.perform_job(job, queue, execution)
+            finally:
+                done.set()
+                beat.join(HEARTBEAT_S + 5)
+            self.set_state(WorkerStatus.IDLE)
+
+        def _beat(self, job: Any, execution: Any, done: threading.Event) -> None:
+            while not done.wait(HEARTBEAT_S):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except Exception as exc:  # Redis away for a moment: the next beat tries again
+                    log.warning("heartbeat of job %s failed: %s", job.id, exc)
+
+        def clean_registries(self) -> None:
+            self.last_cleaned_at = _utcnow()  # the maintenance thread cleans, under its own lock
+
+    def on_failure(job: Any, exc_type: Any, exc_value: BaseException | None, tb: Any) -> bool:
+        from rq.exceptions import AbandonedJobError
+
+        kind = _kind_of(job, config)
+        if isinstance(exc_value, BadRequest):
+            job.retries_left = 0  # the task itself is wrong (or the worker is misconfigured): no retry helps
+        if isinstance(exc_value, AbandonedJobError):
+            jobs.count(connection, config, kind, "abandoned")
+        jobs.count(connection, config, kind, "retried" if job.should_retry else "failed")
+        return True
+
+    queues = [Queue(n, connection=connection, serializer=JSONSerializer) for n in queue_names]
+    worker = FastSAMWorker(queues, connection=connection, serializer=JSONSerializer, worker_ttl=WORKER_TTL_S,
+                           name=name or f"fastsam-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+                           exception_handlers=[on_failure], disable_default_exception_handler=False)
+    worker.fastsam_on_failure = on_failure
+    return worker
+
+
+def _utcnow() -> Any:
+    from rq.utils import now
+
+    return now()
+
+
+class Maintenance(threading.Thread):
+    """Registry cleaning and due retries, by one worker of the whole deployment at a time."""
+
+    def __init__(self, worker: Any, config: QueueConfig) -> None:
+        super().__init__(name="fastsam-maintenance", daemon=True)
+        self.worker, self.config = worker, config
+        self.stopped = threading.Event()
+        self._token = uuid.uuid4().hex
+        self._lock = worker.connection.register_script(_LOCK_LUA)
+
+    def run(self) -> None:
+        from rq.scheduler import RQScheduler
+        from rq.serializers import JSONSerializer
+
+        scheduler = RQScheduler(self.config.queue_names, connection=self.worker.connection, serializer=JSONSerializer)
+        scheduler.prepare_registries(self.config.queue_names)
+        last_clean, warned = 0.0, False
+        while not self.stopped.wait(TICK_S):
+            try:
+                if not self._lock(keys=[self.config.maintenance_key], args=[self._token, LOCK_TTL_MS]):
+                    continue
+                scheduler.enqueue_scheduled_jobs()  # retries whose backoff is over
+                if time.monotonic() - last_clean >= CLEANUP_S:
+                    last_clean = time.monotonic()
+                    self.clean()
+                warned = False
+            except Exception as exc:  # Redis restarting: try again next tick, say so once
+                (log.debug if warned else log.warning)("job maintenance failed: %s", exc)
+                warned = True
+
+    def clean(self) -> None:
+        from rq import worker_registration
+        from rq.registry import clean_registries
+
+        for queue in self.worker.queues:
+            clean_registries(queue, [self.worker.fastsam_on_failure])  # stale started jobs: retried or failed
+            worker_registration.clean_worker_registry(queue)
+            queue.intermediate_queue.cleanup(self.worker, queue)  # dequeued by a worker that died at once
+
+
+def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = False) -> None:
+    """One worker process: build the service, load its models, then take jobs until told to stop."""
+    from .service import build_service
+
+    config = QueueConfig.from_settings(settings)
+    if config is None:
+        raise SystemExit("the worker needs REDIS_URL (or QUEUE_REDIS_URL): the queues live in Redis")
+    service = build_service(settings)
+    started = time.perf_counter()
+    service.segmenter.load()  # once per process; a missing checkpoint fails here, not on every job
+    if service.clip is not None:
+        service.zero_shot_unavailable()  # loads CLIP when it can (logs why not, once)
+    log.info("worker %d: models loaded in %.1f s; model_version %s; queues %s", os.getpid(),
+             time.perf_counter() - started, service.model_version, ", ".join(queue_names))
+    jobs.install_service(service)
+    connection = jobs.connect(config.redis_url, timeout_s=WORKER_TTL_S)
+    worker = make_worker(config, queue_names, connection)
+    maintenance = Maintenance(worker, config)
+    maintenance.start()
+    try:
+        worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper(),
+                    max_jobs=None)
+    finally:
+        maintenance.stopped.set()
+
+
+def _child(overrides: dict[str, Any], queue_names: list[str], burst: bool) -> None:
+    from .cli import configure_logging
+    from .settings import load_settings
+
+    os.setpgrp()  # Ctrl-C reaches the supervisor only, which passes one SIGTERM on (a second would be a cold stop)
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    run_worker(settings, queue_names, burst=burst)
+
+
+def supervise(overrides: dict[str, Any], queue_names: list[str], processes: int, *, burst: bool = False) -> int:
+    """``processes`` spawned worker processes; one that dies is restarted (after a pause) until
+    SIGTERM/SIGINT, which is passed on to all of them (RQ's warm shutdown: the job in hand ends)."""
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or torch threads
+    if "torch_threads" not in overrides:
+        overrides = {**overrides, "torch_threads": max(1, available_cores() // processes)}
+    stopping = threading.Event()
+
+    def start(i: int) -> Any:
+        proc = ctx.Process(target=_child, args=(overrides, queue_names, burst), name=f"fastsam-worker-{i}")
+        proc.start()
+        return proc
+
+    def stop(signum: int, frame: Any) -> None:
+        stopping.set()
+        for proc in procs:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    procs = [start(i) for i in range(processes)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while True:
+        for i, proc in enumerate(procs):
+            proc.join(timeout=0.5)
+            if proc.is_alive():
+                continue
+            if stopping.is_set() or (burst and proc.exitcode == 0):
+                continue
+            log.warning("worker process %s exited with %s; restarting it in 5 s", proc.pid, proc.exitcode)
+            time.sleep(5)
+            if not stopping.is_set():
+                procs[i] = start(i)
+        if all(not p.is_alive() for p in procs) and (stopping.is_set() or burst):
+            return 0 if all(p.exitcode == 0 for p in procs) else 1
