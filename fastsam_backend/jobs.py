@@ -293,7 +293,7 @@ def warm_image(url: str) -> dict[str, Any]:
     started = time.perf_counter()
     found = service.masks_for(url)
     embeddings = False
-    if service.clip is not None and service.zero_shot_unavailable() is None:
+    if service.clip is not None and service.models.zero_shot_unavailable() is None:
         service.crop_embeddings(found)
         embeddings = True
     outcome = "computed" if found.computed else "cached"

@@ -142,7 +142,7 @@ def run_in_process(service: FastSAMService, client: ProjectClient, *, limit: int
     summary = Summary(client.project_id, version, dry_run=dry_run)
     label_config = client.label_config()
     todo = pending_tasks(client, version, summary, limit, stop)
-    service.wait_until_loaded()
+    service.models.wait_until_loaded()
     bar = (progress or _no_bar)(total=len(todo))
     try:
         for start in range(0, len(todo), batch_size):

@@ -161,7 +161,7 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
     started = time.perf_counter()
     service.segmenter.load()  # once per process; a missing checkpoint fails here, not on every job
     if service.clip is not None:
-        service.zero_shot_unavailable()  # loads CLIP when it can (logs why not, once)
+        service.models.zero_shot_unavailable()  # loads CLIP when it can (logs why not, once)
     log.info("worker %d: models loaded in %.1f s; model_version %s; queues %s", os.getpid(),
              time.perf_counter() - started, service.model_version, ", ".join(queue_names))
     jobs.install_service(service)
