@@ -106,3 +106,62 @@ def _loopback_only(monkeypatch):
 
     monkeypatch.setattr(download, "_connect", connect)
     monkeypatch.setattr(outbound, "system_resolve", resolve)
+
+
+class OwnRedis:
+    """A throwaway ``redis-server`` on a free 127.0.0.1 port (no RDB, no AOF), for tests that kill
+    and restart it; ``extra`` are more server flags, ``password`` turns on ``requirepass``."""
+
+    def __init__(self, *extra: str, password: str | None = None) -> None:
+        from fastsam_backend.quality.net import free_port
+
+        self.port, self.extra, self.password = free_port(), extra, password
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def raw(self, **kwargs):
+        import redis
+
+        return redis.Redis(port=self.port, password=self.password, socket_connect_timeout=1, **kwargs)
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        auth = ("--requirepass", self.password) if self.password else ()
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", *auth, *self.extra],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                if self.raw().ping():
+                    return
+            except (redis.RedisError, OSError):
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def own_redis(request):
+    """A private redis-server; flags through ``@pytest.mark.parametrize("own_redis", [...], indirect=True)``."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = OwnRedis(*getattr(request, "param", ()))
+    server.start()
+    yield server
+    server.kill()

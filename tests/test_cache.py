@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ from fastsam_backend.codec import SCHEMA_VERSION, decode_entry, encode_entry
 from fastsam_backend.masks import MaskSet
 from fastsam_backend.quality.net import free_port
 from fastsam_backend.store import EMBEDDINGS, ImageKey, MaskStore, cache_key
+from tests.conftest import OwnRedis
 
 LOGGER = "fastsam_backend"  # the caches and the store
 
@@ -174,43 +174,18 @@ def test_redis_get_put_ttl_and_lock(redis_prefix: str) -> None:
     assert forever.acquire("k", ttl_s=5) is not None
 
 
-class PrivateRedis:
-    """A throwaway redis-server (no persistence, password-protected) on a free port."""
-
-    password = "s3cret-pw"
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--requirepass", self.password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 5
-        while not _redis_up(self.port, self.password):
-            assert time.monotonic() < deadline, "private redis-server did not start"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
 @pytest.fixture
 def private_redis():
+    """A password-protected private redis-server (the outage test kills and restarts it)."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    server = PrivateRedis()
+    server = OwnRedis(password="s3cret-pw")
     server.start()
     yield server
     server.kill()
 
 
-def test_redis_outage_degrades_quietly_and_recovers(private_redis: PrivateRedis, caplog) -> None:
+def test_redis_outage_degrades_quietly_and_recovers(private_redis: OwnRedis, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger=LOGGER)
     url = f"redis://:{private_redis.password}@127.0.0.1:{private_redis.port}/0"
     cache = RedisCache(url, prefix="t:", ttl_s=60, retry_interval_s=0.0)

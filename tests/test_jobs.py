@@ -8,7 +8,6 @@ uses. ``test_workers.py`` does the same with real worker processes and the train
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -26,20 +25,9 @@ from fastsam_backend.server import create_app
 from fastsam_backend.service import build_service
 from fastsam_backend.worker import make_worker
 from tests.helpers import LABEL_CONFIG, interior_point, keypoint, png_bytes
-from tests.test_redis_faults import OwnRedis
 
 TOKEN = "f" * 40
 SCENES = [generate_scene(3_000_000 + i, (96, 128)) for i in range(60)]
-
-
-@pytest.fixture
-def redis_server():
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis()
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -91,9 +79,9 @@ def test_job_ids_come_from_what_the_enqueuer_knows():
     assert pre(config, "http://ls", 7, "v1") != pre(config, "http://ls", 7, "v2")
 
 
-def test_a_job_enqueued_twice_runs_once_then_a_cached_image_is_skipped(redis_server, fake_ls, make_service):
+def test_a_job_enqueued_twice_runs_once_then_a_cached_image_is_skipped(own_redis, fake_ls, make_service):
     _, ls_url = fake_ls
-    service = make_service(redis_url=redis_server.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
+    service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
     jobs.install_service(service)
     config = QueueConfig.from_settings(service.settings)
     queues = JobQueues(config)
@@ -106,12 +94,12 @@ def test_a_job_enqueued_twice_runs_once_then_a_cached_image_is_skipped(redis_ser
     [state] = queues.states(first.job_ids)
     assert state.status == "finished" and state.result["outcome"] == "computed"
     assert enqueue_warm(queues, service, ["/data/upload/1/s0.png"]).cached == 1  # nothing to do any more
-    assert redis_server.raw().hgetall(config.stats_key) == {b"warm:computed": b"1"}
+    assert own_redis.raw().hgetall(config.stats_key) == {b"warm:computed": b"1"}
 
 
-def test_failures_are_retried_then_show_in_the_failed_registry(redis_server, fake_ls, make_service):
+def test_failures_are_retried_then_show_in_the_failed_registry(own_redis, fake_ls, make_service):
     _, ls_url = fake_ls
-    service = make_service(redis_url=redis_server.url, label_studio_url=ls_url, label_studio_api_key=TOKEN,
+    service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN,
                            job_retry_intervals="0")
     jobs.install_service(service)
     config = QueueConfig.from_settings(service.settings)
@@ -120,7 +108,7 @@ def test_failures_are_retried_then_show_in_the_failed_registry(redis_server, fak
     run_jobs(config, queues)
     [state] = queues.states(missing.job_ids)
     assert state.status == "failed" and "HTTP 404" in state.reason
-    stats = redis_server.raw().hgetall(config.stats_key)
+    stats = own_redis.raw().hgetall(config.stats_key)
     assert stats == {b"warm:retried": b"3", b"warm:failed": b"1"}
     from rq.registry import FailedJobRegistry
 
@@ -131,13 +119,13 @@ def test_failures_are_retried_then_show_in_the_failed_registry(redis_server, fak
     run_jobs(config, queues)
     [state] = queues.states(refused.job_ids)
     assert state.status == "failed" and "JobRefused" in state.reason and "another-model-version" in state.reason
-    assert redis_server.raw().hget(config.stats_key, "preannotate:failed") == b"1"
-    assert redis_server.raw().hget(config.stats_key, "preannotate:retried") is None
+    assert own_redis.raw().hget(config.stats_key, "preannotate:failed") == b"1"
+    assert own_redis.raw().hget(config.stats_key, "preannotate:retried") is None
 
 
-def test_tasks_created_webhook_enqueues_warm_jobs_and_metrics_show_them(redis_server, fake_ls, make_service):
+def test_tasks_created_webhook_enqueues_warm_jobs_and_metrics_show_them(own_redis, fake_ls, make_service):
     _, ls_url = fake_ls
-    service = make_service(redis_url=redis_server.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
+    service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
     client = create_app(service.settings, service).test_client()
     body = {"action": "TASKS_CREATED", "project": {"id": 1, "label_config": LABEL_CONFIG},
             "tasks": [{"id": i + 1, "data": {"image": f"/data/upload/1/s{i}.png"}} for i in range(3)]
@@ -168,11 +156,11 @@ def test_webhook_without_redis_says_warming_is_off(make_service):
     assert response.status_code == 201 and "REDIS_URL" in response.json["warm"]
 
 
-def test_a_cold_click_waits_for_the_running_warm_job(redis_server, fake_ls, make_service):
+def test_a_cold_click_waits_for_the_running_warm_job(own_redis, fake_ls, make_service):
     """The worker's service and the HTTP service are separate (as in two processes), sharing Redis:
     a click that arrives while the warm job segments waits for it and segments nothing itself."""
     _, ls_url = fake_ls
-    common = dict(redis_url=redis_server.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
+    common = dict(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
     worker_side, http_side = make_service(**common), make_service(**common)
     segmenting, release = threading.Event(), threading.Event()
     real_segment = worker_side.segmenter.segment

@@ -9,10 +9,7 @@ an exception, only misses and recomputation, and be told once.
 from __future__ import annotations
 
 import logging
-import shutil
-import socket
 import struct
-import subprocess
 import threading
 import time
 
@@ -36,56 +33,6 @@ def masks(seed: int = 0) -> MaskSet:
 def same(a: MaskSet, b: MaskSet) -> bool:
     return a.image_size == b.image_size and np.array_equal(a.dense(), b.dense())
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class OwnRedis:
-    """A throwaway ``redis-server`` on 127.0.0.1 (no RDB, no AOF); ``extra`` are more flags."""
-
-    def __init__(self, *extra: str) -> None:
-        self.port, self.extra = _free_port(), extra
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def raw(self, **kwargs) -> redis.Redis:
-        return redis.Redis(port=self.port, socket_connect_timeout=1, **kwargs)
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", *self.extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                if self.raw().ping():
-                    return
-            except (redis.RedisError, OSError):
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-
-@pytest.fixture
-def own_redis(request):
-    """Started with the flags of ``@pytest.mark.parametrize("own_redis", [...], indirect=True)``."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    server = OwnRedis(*getattr(request, "param", ()))
-    server.start()
-    yield server
-    server.kill()
 
 
 def warnings(caplog) -> list[str]:

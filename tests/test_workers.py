@@ -33,9 +33,8 @@ from fastsam_backend.quality.net import free_port
 from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.service import build_service
 from fastsam_backend.settings import Settings
-from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
+from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, OwnRedis
 from tests.helpers import LABEL_CONFIG, interior_point, keypoint, png_bytes
-from tests.test_redis_faults import OwnRedis
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 REPO = Path(__file__).resolve().parents[1]
