@@ -25,7 +25,8 @@ _STATE = """
 const a = window.Htx && window.Htx.annotationStore && window.Htx.annotationStore.selected;
 if (!a) return null;
 const img = a.names.get(arguments[0]);
-return {regions: a.regions.map(r => [r.type, r.id]), suggestions: [...a.suggestions.values()].map(r => r.id),
+return {regions: a.regions.map(r => [r.type, r.id, !!r.hidden]),
+        suggestions: [...a.suggestions.values()].map(r => r.id), selected: a.selectedRegions.map(r => r.id),
         image: img ? [img.naturalWidth, img.naturalHeight, img.stageWidth, img.stageHeight, img.zoomScale,
                       img.zoomingPositionX || 0, img.zoomingPositionY || 0] : null};
 """
@@ -124,6 +125,11 @@ class Editor:
         box.send_keys(text)
         box.send_keys(Keys.ENTER)
         return time.monotonic()
+
+    def toggle_all_regions(self) -> None:
+        """Ctrl+H, LS's "Toggle all regions visibility" hotkey: hidden regions take no clicks, so
+        the smart tools reach the image under them."""
+        ActionChains(self.d).key_down(Keys.CONTROL).send_keys("h").key_up(Keys.CONTROL).perform()
 
     def suggestion_ids(self) -> set[str]:
         return set(self.state()["suggestions"])

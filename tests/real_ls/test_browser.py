@@ -10,6 +10,7 @@ never asserted. On a failure the screen, the browser console and the editor stat
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.keys import Keys
 
 from fastsam_backend.quality.evaluation import iou
 
@@ -184,3 +187,49 @@ def test_exif_rotated_jpeg_mask_lands_on_the_object_shown(editor, ui_project, no
     report_times(note, editor, "EXIF-rotated keypoint", [seconds])
     assert_prompt_landed(editor, "keypointlabels", *case.click(), w, h)
     print(check_mask(submit_one_mask(editor, ui_project, task)[1], case))
+
+
+def test_smart_tools_on_a_pre_annotated_task(editor, ui_project, backend, label_config, note):
+    """README "Smart tools on pre-annotated tasks": with prelabeling on, the task opens with its
+    prediction's regions as the annotation. Brush regions let a smart-tool click through (seen in
+    LS 1.23.2), but a click inside a predicted rectangle or polygon selects that region instead of
+    placing a keypoint. Ctrl+H hides every region; the click then reaches the image, the backend's
+    suggestion arrives, and the submitted annotation keeps the predicted regions beside it."""
+    case = dataclasses.replace(UI_KEYPOINT, copy="-pre")
+    api = ui_project.api
+    pid = api.create_project("fastsam pre-annotated, smart tools", label_config)  # prelabeling on: LS's default
+    task = api.upload(pid, {case.file_name: case.png()})[case.file_name]["id"]
+    api.connect_ml(pid, backend.url)
+    api.retrieve_predictions(pid)  # brush regions; add the object's box, as a detector's pre-annotation would
+    h, w = case.size
+    x0, y0, x1, y1 = case.obj.box
+    value = {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w, "height": 100 * (y1 - y0) / h,
+             "rotation": 0, "rectanglelabels": ["Banana"]}
+    box = {"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": w,
+           "original_height": h, "value": value}
+    first = api.predictions(task)[0]
+    api.json("PATCH", f"/api/predictions/{first['id']}", json={"result": first["result"] + [box]})
+    predicted = api.predictions(task)
+    assert len(predicted) == 1 and predicted[0]["result"], "Retrieve Predictions stored no prediction"
+
+    editor.open(pid, task)
+    regions = wait_until(lambda: editor.state()["regions"], 30, "the prediction's regions in the editor")
+    assert len(regions) == len(predicted[0]["result"]), "prelabeling did not show the prediction's regions"
+    editor.auto_annotation()
+    editor.smart_tool("key-point-tool")
+    editor.label(ui_project.controls.index("click"), "Orange")
+    sent = len(editor.interactive_requests())
+    editor.click_image(*case.click())  # the problem: this selects the predicted region under the click
+    editor.wait(10).until(lambda d: editor.state()["selected"])
+    assert len(editor.interactive_requests()) == sent, "the click on a predicted region reached the backend"
+    ActionChains(editor.d).send_keys(Keys.ESCAPE).perform()
+    editor.wait(10).until(lambda d: not editor.state()["selected"])
+    editor.toggle_all_regions()
+    editor.wait(10).until(lambda d: all(hidden for _, _, hidden in editor.state()["regions"]))
+    seconds = click_and_accept(editor, ui_project, case, label="Orange")
+    report_times(note, editor, "keypoint on a pre-annotated task", [seconds])
+    editor.submit()
+    result = stored_annotation(SimpleNamespace(api=api), task)
+    assert len(result) == len(regions) + 1, "the predicted regions + the accepted suggestion"
+    assert len(brush_masks(result)) == len(brush_masks(predicted[0]["result"])) + 1
+    print(check_mask(max(brush_masks(result), key=lambda m: iou(m, case.obj.mask)), case))
