@@ -93,6 +93,10 @@ class QueueConfig:
     def maintenance_key(self) -> str:
         return f"{self.prefix}jobs:maintenance"
 
+    def ahead_key(self, job_id: str) -> str:
+        """Set while a worker holds ``job_id`` taken ahead of its current job (``worker.py``)."""
+        return f"{self.prefix}jobs:ahead:{job_id}"
+
 
 def connect(url: str, timeout_s: float = 10.0) -> redis.Redis:
     """A client for RQ (bytes, not decoded). Workers raise the socket timeout above their BLPOP."""

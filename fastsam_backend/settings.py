@@ -90,6 +90,8 @@ class Settings(BaseSettings):
                               description="prefix of the queue names, job ids and bookkeeping keys")
     job_timeout_s: int = Field(60, ge=5, le=3600, description="a job running longer is stopped (and retried)")
     job_retries: int = Field(3, ge=0, le=20, description="retries of a failed or abandoned job")
+    worker_prefetch: bool = Field(True, description="a worker takes its next warm job ahead and fetches and "
+                                  "decodes its image while the current job runs")
     job_retry_intervals: str = Field(
         "5,30,120", pattern=r"^\s*\d+(\s*,\s*\d+)*\s*$",
         description="seconds before retry 1, 2, ... (the last one repeats)"

@@ -12,6 +12,13 @@ maintenance thread -- in one worker at a time, under a Redis lock -- cleans the 
 ``CLEANUP_S`` (a stale job goes back to its queue as one of its retries, or to the failed registry)
 and enqueues retries whose backoff is due (RQ's scheduler, run in this thread instead of in a
 forked process). So a job whose worker died runs again within about half a minute.
+
+With ``WORKER_PREFETCH`` on, a worker about to run a job takes its next *warm* job too and fetches
+and decodes that image in a thread while the current job runs (``prefetch.py``). The job taken
+ahead sits in RQ's intermediate list of its queue, as any job between dequeue and start does, so a
+worker that dies holding it leaves it to RQ's cleanup, which fails it over to a retry; one held
+longer than ``AHEAD_MAX_S`` (a long current job) or held at a warm shutdown goes back to the front
+of its queue instead.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 from . import jobs
 from .errors import BadRequest
 from .jobs import JobKind, QueueConfig
+from .prefetch import PrefetchingLoader
 from .settings import Settings, available_cores
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ CLEANUP_S = 5
 TICK_S = 1.0
 WORKER_TTL_S = 35  # RQ blocks in BLPOP for WORKER_TTL_S - 15 s between its own checks
 LOCK_TTL_MS = 5000
+AHEAD_MAX_S = 30  # RQ's cleanup treats a job in the intermediate list for over a minute as stuck
+RESCUE_AFTER_S = 10  # a job in an intermediate list, not started and held by no one, this long goes back
 
 # take the lock, or refresh it if it is ours (one script, so two workers never both hold it)
 _LOCK_LUA = """
@@ -51,10 +61,14 @@ def _kind_of(job: Any, config: QueueConfig) -> JobKind:
     return JobKind.PREANNOTATE if job.origin == config.queue_name(JobKind.PREANNOTATE) else JobKind.WARM
 
 
-def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, name: str | None = None) -> Any:
-    """A ``FastSAMWorker`` on ``queue_names`` (built here so that ``rq`` is imported only when needed)."""
+def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, name: str | None = None,
+                prefetch: Any = None) -> Any:
+    """A ``FastSAMWorker`` on ``queue_names`` (built here so that ``rq`` is imported only when needed).
+
+    ``prefetch(url)``, when given, is called with the URL of the next warm job, taken ahead."""
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer
+    from rq.utils import get_version
     from rq.worker import WorkerStatus
 
     class FastSAMWorker(SimpleWorker):
@@ -63,8 +77,54 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
             return HEARTBEAT_TTL_S  # kept fresh by _beat while the job runs (RQ: the job timeout + 60 s)
 
+        ahead: tuple[Any, Any, float] | None = None  # (job, queue, monotonic time taken)
+        started_ahead: str | None = None
+
+        def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+            if self.ahead is not None:
+                job, queue, taken = self.ahead
+                self.ahead = None
+                if time.monotonic() - taken <= AHEAD_MAX_S:
+                    self.started_ahead = job.id
+                    return job, queue
+                self.give_back(job, queue)
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+        def take_ahead(self) -> None:
+            """The next warm job, non-blocking (one queue: RQ moves it to that queue's intermediate list)."""
+            warm = [q for q in self.queues if q.name == config.queue_name(JobKind.WARM)]
+            if prefetch is None or self.ahead is not None or self._stop_requested or not warm \
+                    or get_version(self.connection) < (6, 2, 0):  # older: no LMOVE, a dead holder would lose it
+                return
+            try:
+                found = Queue.dequeue_any(warm, None, connection=self.connection, job_class=self.job_class,
+                                          serializer=self.serializer, death_penalty_class=self.death_penalty_class)
+                if found is not None:
+                    self.ahead = (*found, time.monotonic())
+                    self.connection.set(config.ahead_key(found[0].id), self.name, ex=AHEAD_MAX_S + 30)
+                    prefetch(found[0].args[0])
+            except Exception as exc:  # the job stays where it is; prefetching is only an optimisation
+                log.warning("could not take the next job ahead: %s", exc)
+
+        def give_back(self, job: Any, queue: Any) -> None:
+            give_back(queue, job.id)
+            self.connection.delete(config.ahead_key(job.id))
+
+        def give_back_ahead(self) -> None:
+            if self.ahead is not None:
+                job, queue, _ = self.ahead
+                self.ahead = None
+                self.give_back(job, queue)
+
         def execute_job(self, job: Any, queue: Any) -> None:
+            self.take_ahead()
             execution = self.prepare_execution(job)
+            if self.started_ahead == job.id:  # started: RQ's started registry covers it now
+                self.started_ahead = None
+                with self.connection.pipeline() as pipe:
+                    pipe.lrem(queue.intermediate_queue.key, 1, job.id)  # RQ leaves it there with 2+ queues
+                    pipe.delete(config.ahead_key(job.id))
+                    pipe.execute()
             done = threading.Event()
             beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
             beat.start()
@@ -104,6 +164,14 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
     return worker
 
 
+def give_back(queue: Any, job_id: str) -> None:
+    """A job taken off ``queue`` but never started goes back to its front."""
+    with queue.connection.pipeline() as pipe:
+        pipe.lrem(queue.intermediate_queue.key, 1, job_id)
+        pipe.lpush(queue.key, job_id)
+        pipe.execute()
+
+
 def _utcnow() -> Any:
     from rq.utils import now
 
@@ -119,6 +187,7 @@ class Maintenance(threading.Thread):
         self.stopped = threading.Event()
         self._token = uuid.uuid4().hex
         self._lock = worker.connection.register_script(_LOCK_LUA)
+        self._unheld: dict[str, float] = {}  # job id -> when first seen taken, not started and held by no one
 
     def run(self) -> None:
         from rq.scheduler import RQScheduler
@@ -145,9 +214,28 @@ class Maintenance(threading.Thread):
         from rq.registry import clean_registries
 
         for queue in self.worker.queues:
+            self.rescue_ahead(queue)
             clean_registries(queue, [self.worker.fastsam_on_failure])  # stale started jobs: retried or failed
             worker_registration.clean_worker_registry(queue)
             queue.intermediate_queue.cleanup(self.worker, queue)  # dequeued by a worker that died at once
+
+
+    def rescue_ahead(self, queue: Any, now: float | None = None) -> None:
+        """Jobs a worker took ahead and died holding go back to the front of their queue after
+        ``RESCUE_AFTER_S`` (RQ's own cleanup would fail them over to a retry after a minute)."""
+        now = time.monotonic() if now is None else now
+        conn, seen = self.worker.connection, set()
+        for job_id in queue.intermediate_queue.get_job_ids():
+            seen.add(job_id)
+            if job_id in queue.started_job_registry or conn.exists(self.config.ahead_key(job_id)):
+                self._unheld.pop(job_id, None)
+                continue
+            if now - self._unheld.setdefault(job_id, now) >= RESCUE_AFTER_S:
+                log.warning("job %s was taken ahead by a worker that is gone: back to its queue", job_id)
+                give_back(queue, job_id)
+                self._unheld.pop(job_id, None)
+        for job_id in set(self._unheld) - seen:
+            del self._unheld[job_id]
 
 
 def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = False) -> None:
@@ -166,7 +254,11 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
              time.perf_counter() - started, service.model_version, ", ".join(queue_names))
     jobs.install_service(service)
     connection = jobs.connect(config.redis_url, timeout_s=WORKER_TTL_S)
-    worker = make_worker(config, queue_names, connection)
+    loader = None
+    if settings.worker_prefetch:
+        loader = service.images = PrefetchingLoader(service.images)
+    worker = make_worker(config, queue_names, connection,
+                         prefetch=(lambda url: _prefetch_uncached(service, loader, url)) if loader else None)
     maintenance = Maintenance(worker, config)
     maintenance.start()
     try:
@@ -174,6 +266,15 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
                     max_jobs=None)
     finally:
         maintenance.stopped.set()
+        worker.give_back_ahead()
+        if loader is not None:
+            log.info("worker %d: %d images came from a prefetch", os.getpid(), loader.taken)
+            loader.close()
+
+
+def _prefetch_uncached(service: Any, loader: PrefetchingLoader, url: Any) -> None:
+    if isinstance(url, str) and service.image_key_if_cached(url) is None:
+        loader.prefetch(url)
 
 
 def _child(overrides: dict[str, Any], queue_names: list[str], burst: bool) -> None:

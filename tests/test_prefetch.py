@@ -1,0 +1,89 @@
+"""A worker takes its next warm job ahead and fetches its image while the current job runs.
+
+In-process with the worker command's own worker class over a fake Label Studio, as
+``test_jobs.py``; ``test_workers.py`` covers real worker processes.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from fastsam_backend import jobs
+from fastsam_backend.jobs import JobKind, JobQueues, QueueConfig, enqueue_warm
+from fastsam_backend.prefetch import PrefetchingLoader
+from fastsam_backend.worker import RESCUE_AFTER_S, Maintenance, make_worker
+from tests.test_jobs import TOKEN, fake_ls, make_service  # noqa: F401 (fixtures)
+
+URLS = [f"/data/upload/1/s{i}.png" for i in range(5)]
+
+
+def burst(config: QueueConfig, queues: JobQueues, prefetch=None):
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    worker = make_worker(config, config.queue_names, queues.connection, prefetch=prefetch)
+    try:
+        worker.work(burst=True)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return worker
+
+
+def setup(own_redis, fake_ls, make_service, **overrides):  # noqa: F811
+    _, ls_url = fake_ls
+    service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN,
+                           **overrides)
+    jobs.install_service(service)
+    config = QueueConfig.from_settings(service.settings)
+    return service, config, JobQueues(config)
+
+
+def test_each_next_image_is_fetched_ahead_and_every_job_runs_once(own_redis, fake_ls, make_service):  # noqa: F811
+    service, config, queues = setup(own_redis, fake_ls, make_service)
+    loader = service.images = PrefetchingLoader(service.images)
+    report = enqueue_warm(queues, service, URLS)
+    burst(config, queues, prefetch=loader.prefetch)
+    assert [s.status for s in queues.states(report.job_ids)] == ["finished"] * len(URLS)
+    assert service.segmenter.calls == len(URLS)
+    assert loader.taken == len(URLS) - 1  # every job but the first found its image fetched already
+    warm = queues.queues[JobKind.WARM]
+    assert queues.connection.llen(warm.intermediate_queue.key) == 0  # nothing left taken and unstarted
+    assert not queues.connection.keys(config.ahead_key("*"))
+    assert own_redis.raw().hgetall(config.stats_key) == {b"warm:computed": str(len(URLS)).encode()}
+
+
+def test_a_job_taken_ahead_goes_back_to_the_front_when_the_worker_stops(own_redis, fake_ls, make_service):  # noqa: F811
+    service, config, queues = setup(own_redis, fake_ls, make_service)
+    enqueue_warm(queues, service, URLS[:3])
+    warm = queues.queues[JobKind.WARM]
+    order = warm.get_job_ids()
+    worker = make_worker(config, config.queue_names, queues.connection, prefetch=lambda url: None)
+    worker.take_ahead()
+    held = worker.ahead[0].id
+    assert held == order[0] and warm.get_job_ids() == order[1:]
+    assert queues.connection.exists(config.ahead_key(held))
+    worker.give_back_ahead()
+    assert warm.get_job_ids() == order  # back at the front, in its place
+    assert queues.connection.llen(warm.intermediate_queue.key) == 0
+    assert not queues.connection.exists(config.ahead_key(held))
+
+
+def test_a_job_held_by_a_worker_that_died_goes_back_to_its_queue(own_redis, fake_ls, make_service):  # noqa: F811
+    service, config, queues = setup(own_redis, fake_ls, make_service)
+    enqueue_warm(queues, service, URLS[:2])
+    warm = queues.queues[JobKind.WARM]
+    dead = make_worker(config, config.queue_names, queues.connection, prefetch=lambda url: None)
+    dead.take_ahead()
+    held = dead.ahead[0].id
+    maintenance = Maintenance(make_worker(config, config.queue_names, queues.connection), config)
+    maintenance.rescue_ahead(warm, now=0.0)
+    maintenance.rescue_ahead(warm, now=RESCUE_AFTER_S + 1)
+    assert held not in warm.get_job_ids(), "a job whose holder is alive (its ahead key is set) stays held"
+
+    queues.connection.delete(config.ahead_key(held))  # what the holder's death leaves: the key expires
+    maintenance.rescue_ahead(warm, now=100.0)
+    assert held not in warm.get_job_ids(), "not at once: a worker may be between dequeue and start"
+    maintenance.rescue_ahead(warm, now=100.0 + RESCUE_AFTER_S)
+    assert warm.get_job_ids()[0] == held
+    assert queues.connection.llen(warm.intermediate_queue.key) == 0
+    burst(config, queues)
+    assert service.segmenter.calls == 2
