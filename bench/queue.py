@@ -5,7 +5,9 @@
   with one torch thread (target ≤ 1.1×);
 - images/min of one worker pinned to one core against two workers pinned to one core each
   (scaling efficiency = two / (2 × one), target ≥ 0.9);
-- enqueue → cache-filled: from the first enqueue until every image's job has finished.
+- enqueue → cache-filled: from the first enqueue until every image's job has finished;
+- one worker on images from a far host (``FAR_LATENCY_S`` per response) with ``WORKER_PREFETCH``
+  on and off: images/min, i.e. how much of the download the next job's prefetch hides.
 
 A private ``redis-server`` on a free port; images are generated scenes served over HTTP as Label
 Studio would serve them; random-weight FastSAM-s calibrated to ~100 instances (as in ``cold``).
@@ -30,6 +32,7 @@ from .servers import REPO, static_server
 FIRST_SEED = 1_000_700
 IMGSZ = 640
 TARGET_OVERHEAD, TARGET_SCALING = 1.1, 0.9
+FAR_LATENCY_S = 0.3
 
 
 def _redis(port: int) -> subprocess.Popen:
@@ -47,10 +50,11 @@ def _redis(port: int) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
-def _worker(env: dict[str, str], prefix: str, core: int, log: Path) -> subprocess.Popen:
+def _worker(env: dict[str, str], prefix: str, core: int, log: Path, **extra: str) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "fastsam_backend", "worker", "--queues", "warm"],
-                                env={**env, "QUEUE_PREFIX": prefix, "CACHE_PREFIX": prefix}, cwd=REPO, stdout=out,
+                                env={**env, "QUEUE_PREFIX": prefix, "CACHE_PREFIX": prefix, **extra}, cwd=REPO,
+                                stdout=out,
                                 stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, {core}))
 
 
@@ -116,7 +120,8 @@ def run(ctx: Context) -> dict[str, Any]:
         return "/" + name
 
     # per setting: one warm-up job per worker (its first forward pass is slower), then n timed images
-    urls = {"one-": [image(i) for i in range(1 + n)], "two-": [image(100 + i) for i in range(2 + n)]}
+    urls = {"one-": [image(i) for i in range(1 + n)], "two-": [image(100 + i) for i in range(2 + n)],
+            "far-on-": [image(200 + i) for i in range(1 + n)], "far-off-": [image(300 + i) for i in range(1 + n)]}
     bare = _bare_forward(ctx, built, [(root / u[1:]).read_bytes() for u in urls["one-"][:4]], cores[0])
 
     from fastsam_backend.jobs import JobQueues, QueueConfig
@@ -127,7 +132,7 @@ def run(ctx: Context) -> dict[str, Any]:
     redis_proc = _redis(port)
     procs: list[subprocess.Popen] = []
     try:
-        with static_server(root) as ls_base:
+        with static_server(root) as ls_base, static_server(root, FAR_LATENCY_S) as far_base:
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith(("FASTSAM_", "REDIS_", "LABEL_STUDIO", "CACHE_", "QUEUE_", "JOB_"))}
             env.update({"FASTSAM_WEIGHTS": str(built.path), "IMGSZ": str(IMGSZ), "FASTSAM_ALLOW_DOWNLOAD": "false",
@@ -135,14 +140,18 @@ def run(ctx: Context) -> dict[str, Any]:
                         "LABEL_STUDIO_URL": ls_base, "LABEL_STUDIO_API_KEY": "f" * 40, "CLIP_ENABLED": "false",
                         "TORCH_THREADS": "1", "YOLO_OFFLINE": "1", "LOG_LEVEL": "WARNING", "DEVICE": "cpu",
                         "PYTHONPATH": str(REPO)})
-            pinned = {"one-": [cores[0]], **({"two-": [cores[0], cores[1]]} if len(cores) >= 2 else {})}
-            procs = [_worker(env, prefix, core, ctx.workdir / f"queue-{prefix}{core}.log")
+            pinned = {"one-": [cores[0]], **({"two-": [cores[0], cores[1]]} if len(cores) >= 2 else {}),
+                      "far-on-": [cores[0]], "far-off-": [cores[0]]}
+            extra = {"far-on-": {"LABEL_STUDIO_URL": far_base},
+                     "far-off-": {"LABEL_STUDIO_URL": far_base, "WORKER_PREFETCH": "false"}}
+            procs = [_worker(env, prefix, core, ctx.workdir / f"queue-{prefix}{core}.log", **extra.get(prefix, {}))
                      for prefix, on in pinned.items() for core in on]
             setups = {}
             for prefix in pinned:
+                base = far_base if prefix.startswith("far-") else ls_base
                 settings = load_settings(fastsam_weights=str(built.path), imgsz=IMGSZ, model_dir=built.path.parent,
                                          redis_url=env["REDIS_URL"], queue_prefix=prefix, cache_prefix=prefix,
-                                         clip_enabled=False, label_studio_url=ls_base)
+                                         clip_enabled=False, label_studio_url=base)
                 setups[prefix] = (JobQueues(QueueConfig.from_settings(settings)), build_service(settings))
             connection = setups["one-"][0].connection
             deadline = time.monotonic() + 180
@@ -157,7 +166,7 @@ def run(ctx: Context) -> dict[str, Any]:
                 queues, service = setups[prefix]
                 _run(queues, service, urls[prefix][:len(on)])  # warm-up
                 wall, per_job = _run(queues, service, urls[prefix][len(on):])
-                out[prefix.rstrip("-")] = {"workers": len(on), "enqueue_to_cached_s": round(wall, 2),
+                out[prefix.rstrip("-").replace("-", "_")] = {"workers": len(on), "enqueue_to_cached_s": round(wall, 2),
                                            "images_per_minute": round(60 * n / wall, 2), "job": stats_ms(per_job)}
     finally:
         for proc in procs:
@@ -173,6 +182,8 @@ def run(ctx: Context) -> dict[str, Any]:
     out["job_over_bare_forward"] = round(overhead, 3)
     if "two" in out:
         out["scaling_efficiency"] = round(out["two"]["images_per_minute"] / (2 * out["one"]["images_per_minute"]), 3)
+    out["far_host"] = {"latency_s": FAR_LATENCY_S, "prefetch_gain": round(
+        out["far_on"]["images_per_minute"] / out["far_off"]["images_per_minute"], 3)}
     out["headline"] = {
         "name": f"warm job in a worker vs bare forward, 1 core (FastSAM-s@{IMGSZ})", "value": round(overhead, 2),
         "unit": "x", "target": f"<= {TARGET_OVERHEAD}", "met": overhead <= TARGET_OVERHEAD,
@@ -180,5 +191,7 @@ def run(ctx: Context) -> dict[str, Any]:
                     f"1 worker {out['one']['images_per_minute']} img/min"
                     + (f", 2 workers {out['two']['images_per_minute']} img/min = efficiency "
                        f"{out['scaling_efficiency']} (target >= {TARGET_SCALING}); enqueue->cached {n} images "
-                       f"{out['two']['enqueue_to_cached_s']} s" if "two" in out else "")}
+                       f"{out['two']['enqueue_to_cached_s']} s" if "two" in out else "")
+                    + f"; far host ({FAR_LATENCY_S:g} s/image): prefetch {out['far_on']['images_per_minute']} vs "
+                      f"{out['far_off']['images_per_minute']} img/min without"}
     return out

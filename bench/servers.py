@@ -26,14 +26,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    latency_s = 0.0
+
     def log_message(self, *args: object) -> None:
         pass
 
+    def do_GET(self) -> None:
+        if self.latency_s:
+            time.sleep(self.latency_s)  # a far image host (another region's object store)
+        super().do_GET()
+
 
 @contextlib.contextmanager
-def static_server(root: Path) -> Iterator[str]:
-    """Serve ``root`` at ``http://127.0.0.1:<port>`` (stands in for Label Studio's /data/upload)."""
-    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
+def static_server(root: Path, latency_s: float = 0.0) -> Iterator[str]:
+    """Serve ``root`` at ``http://127.0.0.1:<port>`` (stands in for Label Studio's /data/upload),
+    each response ``latency_s`` late."""
+    handler_class = type("_Handler", (_QuietHandler,), {"latency_s": latency_s})
+    handler = lambda *a, **kw: handler_class(*a, directory=str(root), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
