@@ -120,6 +120,7 @@ def run(ctx: Context) -> dict[str, Any]:
     }
     ctx.log(f"  warm: {len(inputs['bodies'])} prompts over HTTP ({len(masks)} cached masks)")
     out["http"] = _serve_and_click(ctx, inputs)
+    ctx.shared["warm_http"] = out["http"]  # the MobileSAM section compares with it
     for name, fn in (("profile", warm_profile.run),  # first: before the references keep torch threads busy
                      ("nocache_fastsam", warm_baselines.fastsam_per_click),
                      ("sam_decoder", warm_baselines.sam_per_click)):
