@@ -106,7 +106,7 @@ def _server_timing_s(header: str) -> float | None:
 
 
 def run(ctx: Context) -> dict[str, Any]:
-    from . import warm_baselines, warm_profile
+    from . import transport, warm_baselines, warm_profile
 
     inputs = prepare(ctx)
     masks = inputs["masks"]
@@ -122,6 +122,7 @@ def run(ctx: Context) -> dict[str, Any]:
     out["http"] = _serve_and_click(ctx, inputs)
     ctx.shared["warm_http"] = out["http"]  # the MobileSAM section compares with it
     for name, fn in (("profile", warm_profile.run),  # first: before the references keep torch threads busy
+                     ("transport", transport.run),
                      ("nocache_fastsam", warm_baselines.fastsam_per_click),
                      ("sam_decoder", warm_baselines.sam_per_click)):
         try:
