@@ -142,7 +142,7 @@ def _issue16(sections: dict[str, Any]) -> list[str]:
                    + f"; int8 vs fp32 masks (random weights) min IoU "
                      f"{q['agreement_int8_vs_fp32_random_weights']['mask_iou_min']}")
     c = sections.get("clicks", {})
-    for name, fig in c.get("best", {}).items():
+    for name, fig in c.get("median", {}).items():
         out.append(f"clicks, {c['clients']} clients, 1 worker x {c['threads']} threads, {name}"
                    f"{' ' + c['base_commit'][:10] if name == 'base' and c.get('base_commit') else ''}: "
                    f"{fig['clicks_per_s']} clicks/s, p50 {fig['latency']['p50_ms']:.1f} / p99 "
