@@ -118,6 +118,7 @@ def run(ctx: Context) -> dict[str, Any]:
             out["errors"]["sam_vit_b"] = f"{type(exc).__name__}: {exc}"
     else:
         out["sam_vit_b"] = {"skipped": f"not run in {ctx.mode.name} mode"}
+    ctx.shared["cold_fastsam"] = out["fastsam"]  # the MobileSAM and int8 sections compare with it
     fast = out["fastsam"].get("s@1024")
     sam_out = out["sam_vit_b"] if isinstance(out.get("sam_vit_b"), dict) else {}
     sam, sam_total = sam_out.get("set_image"), sam_out.get("decode_plus_set_image")

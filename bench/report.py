@@ -77,6 +77,8 @@ def _extras(sections: dict[str, Any]) -> list[str]:
         if stages:
             out.append("  in-process stages p50 (ms): " + ", ".join(
                 f"{k} {v.get('p50_ms', 0):.2f}" for k, v in stages.items()))
+        out += _warm_split(warm)
+    out += _issue16(sections)
     tp = sections.get("throughput", {}).get("settings", {})
     for name, fig in tp.items():
         out.append(f"throughput {name}: {fig['images_per_minute']} images/min, "
@@ -102,4 +104,47 @@ def _extras(sections: dict[str, Any]) -> list[str]:
         out.append(f"redis: {redis['memory_usage_per_image_bytes'] / 1024:.0f} KiB per cached image -> "
                    f"~{redis['extrapolated_1000_images_mb']} MiB per 1,000 images (extrapolated from "
                    f"{redis['sample_entries']})")
+    return out
+
+
+def _warm_split(warm: dict[str, Any]) -> list[str]:
+    """Every millisecond of the warm click, p50: app (Server-Timing) + transport floor + the rest."""
+    floors = warm.get("transport", {}).get("floors", {})
+    app, lat = warm["http"].get("server_app_time"), warm["http"]["latency"]
+    out = []
+    if floors:
+        out.append("  transport floor (trivial app under gunicorn, same bodies and client) p50/p95 ms: " + ", ".join(
+            f"{k} {v['latency']['p50_ms']:.1f}/{v['latency']['p95_ms']:.1f}" for k, v in floors.items()))
+    gthread = floors.get("gthreadx4", {}).get("latency")
+    if app and gthread:
+        rest = lat["p50_ms"] - app["p50_ms"] - gthread["p50_ms"]
+        out.append(f"  warm p50 {lat['p50_ms']:.1f} ms = app {app['p50_ms']:.1f} + transport {gthread['p50_ms']:.1f}"
+                   f" + unexplained {rest:.1f} (scheduling: client, server and other load share the cores)")
+    return out
+
+
+def _issue16(sections: dict[str, Any]) -> list[str]:
+    """MobileSAM, int8 and clicks-under-concurrency lines."""
+    out = []
+    mob = sections.get("mobilesam", {})
+    if "cold" in mob:
+        click, enc = mob["click"], mob["cold"]["decode_plus_set_image"]
+        out.append(f"MobileSAM (random weights): decode+encoder p50 {enc['p50_ms']:.0f} ms; per click predict "
+                   f"{click['predict']['p50_ms']:.0f} + SDK RLE {click['sdk_rle']['p50_ms']:.1f} = p50 "
+                   f"{click['per_click']['p50_ms']:.0f} / p95 {click['per_click']['p95_ms']:.0f} ms; ours faster: "
+                   + ", ".join(f"{k} {v}x" for k, v in mob.get("fastsam_speedup_vs_mobilesam", {}).items()))
+    q = sections.get("int8", {})
+    if "cold" in q:
+        out.append(f"cold@{q['imgsz']} p50 (decode+segment+encode) vs MobileSAM decode+encoder "
+                   f"{q['mobilesam_decode_plus_encoder']['p50_ms']:.0f} ms: " + ", ".join(
+                       f"{k} {v['total']['p50_ms']:.0f} ms ({q['speedup_vs_mobilesam_encoder'][k]}x)"
+                       for k, v in q["cold"].items())
+                   + f"; int8 vs fp32 masks (random weights) min IoU "
+                     f"{q['agreement_int8_vs_fp32_random_weights']['mask_iou_min']}")
+    c = sections.get("clicks", {})
+    for name, fig in c.get("median", {}).items():
+        out.append(f"clicks, {c['clients']} clients, 1 worker x {c['threads']} threads, {name}"
+                   f"{' ' + c['base_commit'][:10] if name == 'base' and c.get('base_commit') else ''}: "
+                   f"{fig['clicks_per_s']} clicks/s, p50 {fig['latency']['p50_ms']:.1f} / p99 "
+                   f"{fig['latency']['p99_ms']:.1f} ms")
     return out

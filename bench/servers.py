@@ -104,8 +104,8 @@ class Backend:
             return ""
 
 
-def start_backend(env_overrides: dict[str, str], logdir: Path, timeout_s: float = 120) -> Backend:
-    """Start the backend on a free loopback port and wait until /health answers."""
+def start_backend(env_overrides: dict[str, str], logdir: Path, timeout_s: float = 120, repo: Path = REPO) -> Backend:
+    """Start the backend (the package in ``repo``) on a free loopback port and wait until /health answers."""
     import requests
 
     port = free_port()
@@ -113,12 +113,12 @@ def start_backend(env_overrides: dict[str, str], logdir: Path, timeout_s: float 
            if not k.startswith(("FASTSAM_", "REDIS_", "LABEL_STUDIO", "CACHE_", "PROMETHEUS_"))}
     env.update({"PORT": str(port), "BIND_HOST": "127.0.0.1", "WORKERS": "1", "THREADS": "4", "LOG_LEVEL": "WARNING",
                 "FASTSAM_ALLOW_DOWNLOAD": "false", "MODEL_DIR": str(logdir), "YOLO_OFFLINE": "1",
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))})
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))})
     env.update(env_overrides)
     log_path = logdir / f"backend-{port}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "fastsam_backend", "serve"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO))
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=str(repo))
     backend = Backend(proc, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -146,8 +146,8 @@ def stop_backend(backend: Backend) -> None:
 
 
 @contextlib.contextmanager
-def backend(env_overrides: dict[str, str], logdir: Path) -> Iterator[Backend]:
-    running = start_backend(env_overrides, logdir)
+def backend(env_overrides: dict[str, str], logdir: Path, repo: Path = REPO) -> Iterator[Backend]:
+    running = start_backend(env_overrides, logdir, repo=repo)
     try:
         yield running
     finally:

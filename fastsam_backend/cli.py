@@ -148,9 +148,10 @@ def _child_exit(server, worker) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
+from .cli_int8 import compare_int8  # noqa: E402
 from .cli_jobs import preannotate, warm, worker  # noqa: E402 - they use configure_logging above
 
-for _command in (worker, warm, preannotate):
+for _command in (worker, warm, preannotate, compare_int8):
     main.add_command(_command)
 
 if __name__ == "__main__":

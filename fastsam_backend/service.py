@@ -380,7 +380,7 @@ def build_service(settings: Settings, segmenter: Segmenter | None = None) -> Fas
     service = FastSAMService(
         settings=settings,
         segmenter=segmenter or Segmenter(SegmenterConfig.from_settings(settings)),
-        store=MaskStore(make_cache(settings)),
+        store=MaskStore(make_cache(settings), url_memo_ttl_s=settings.url_memo_ttl_s),
         images=ImageLoader(ImageSourceConfig.from_settings(settings)),
         clip=ClipScorer(ClipConfig.from_settings(settings)) if settings.clip_enabled else None,
     )

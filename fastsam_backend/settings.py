@@ -103,6 +103,10 @@ class Settings(BaseSettings):
         True, description="map an image URL to its content digest in the cache, so a click on a "
         "cached image downloads nothing (LS upload/local-files URLs never change content)"
     )
+    url_memo_ttl_s: float = Field(
+        60.0, ge=0, description="seconds this process keeps a URL -> digest mapping in memory (a warm click "
+        "then needs no Redis round trip); 0 = ask the cache every time"
+    )
     label_studio_url: str | None = Field(
         None, validation_alias=AliasChoices("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST")
     )

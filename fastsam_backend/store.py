@@ -96,6 +96,44 @@ class ImageKey:
     params: Mapping[str, object]
 
 
+class UrlMemo:
+    """A bounded, short-lived in-process memo of URL -> content digest, in front of the cache's
+    ``url:`` entries (the one Redis round trip a warm click had left).
+
+    Entries live ``ttl_s`` seconds (0 = off) and at most ``entries`` are kept (least recently
+    set dropped first). What it can serve stale is what the cache's ``url:`` entry serves stale
+    already (a URL whose content changed keeps its old digest until that entry expires); the memo
+    only adds: a ``url:`` entry deleted or rewritten in Redis is seen by this process up to
+    ``ttl_s`` later. Masks are keyed by content, so replicas never disagree on what a digest means.
+    """
+
+    def __init__(self, ttl_s: float, entries: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.entries, self._clock = ttl_s, entries, clock
+        self._items: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._mu = threading.Lock()
+
+    def get(self, url: str) -> str | None:
+        if self.ttl_s <= 0:
+            return None
+        with self._mu:
+            item = self._items.get(url)
+            if item is None:
+                return None
+            if item[1] <= self._clock():
+                del self._items[url]
+                return None
+            return item[0]
+
+    def put(self, url: str, digest: str) -> None:
+        if self.ttl_s <= 0 or self.entries <= 0:
+            return
+        with self._mu:
+            self._items[url] = (digest, self._clock() + self.ttl_s)
+            self._items.move_to_end(url)
+            while len(self._items) > self.entries:
+                self._items.popitem(last=False)
+
+
 class MaskStore:
     """Decoded-entry LRU + byte cache + single-flight computation.
 
@@ -104,8 +142,10 @@ class MaskStore:
     """
 
     def __init__(self, cache: MaskCache, *, memory_entries: int = 8, lock_ttl_s: float = 60.0,
-                 lock_wait_s: float = 60.0, poll_s: tuple[float, float] = (0.02, 0.25)):  # fmt: skip
+                 lock_wait_s: float = 60.0, poll_s: tuple[float, float] = (0.02, 0.25),
+                 url_memo_ttl_s: float = 0.0, url_memo_entries: int = 4096):  # fmt: skip
         self.cache = cache
+        self._urls = UrlMemo(url_memo_ttl_s, url_memo_entries)
         self.memory_entries, self.lock_ttl_s, self.lock_wait_s, self.poll_s = (
             memory_entries, lock_ttl_s, lock_wait_s, poll_s)  # fmt: skip
         self._locking = cache if isinstance(cache, LockingCache) else None
@@ -118,15 +158,22 @@ class MaskStore:
 
     # ------------------------------------------------------------- typed entries
     def digest_for_url(self, url: str) -> str | None:
-        """The content digest last seen at ``url``, if remembered."""
+        """The content digest last seen at ``url``, if remembered: from the in-process URL memo
+        (no Redis round trip on a warm click), else from the cache (then memoized)."""
+        if (digest := self._urls.get(url)) is not None:
+            return digest
         value = self.cache.get(url_key(url))
         try:
-            return value.decode("ascii") if value is not None and re.fullmatch(rb"[0-9a-f]{64}", value) else None
+            digest = value.decode("ascii") if value is not None and re.fullmatch(rb"[0-9a-f]{64}", value) else None
         except UnicodeDecodeError:
             return None
+        if digest is not None:
+            self._urls.put(url, digest)
+        return digest
 
     def remember_url(self, url: str, digest: str) -> None:
         self.cache.put(url_key(url), digest.encode("ascii"))
+        self._urls.put(url, digest)
 
     def peek_masks(self, image: ImageKey) -> MaskSet | None:
         """The image's masks if they are in memory or in the cache; never computes."""

@@ -17,7 +17,7 @@ from fastsam_backend.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx")
+SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx", "mobilesam", "int8", "clicks")
 BOOKKEEPING = {"status", "seconds"}
 
 
