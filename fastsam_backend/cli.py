@@ -78,7 +78,12 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
 @click.option("--imgsz", type=int, default=None, help="inference size [env IMGSZ]")
 @click.option("--rules/--no-rules", default=True, help="also compare the point rules")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="write the figures as JSON")
-def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, json_out: str | None) -> None:
+@click.option("--compare", is_flag=True, help="instead: every box and point rule per case type, on the ordinary "
+              "and the hard suite, and polygon vs brush answers (issue #15)")
+@click.option("--hard-scenes", type=int, default=None, help="hard scenes for --compare [default: --scenes]")
+@click.option("--dev", is_flag=True, help="--compare on development seeds (500,000+ and 2,000,000+), not held-out")
+def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, json_out: str | None,
+            compare: bool, hard_scenes: int | None, dev: bool) -> None:
     """Mask quality on generated held-out scenes, through the backend's own request path."""
     import json
 
@@ -90,6 +95,12 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     settings = load_settings(**overrides)
     configure_logging("WARNING")
     service = build_service(settings)
+    if compare:
+        result = _compare(service, scenes, scenes if hard_scenes is None else hard_scenes, dev)
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(result, f, indent=2)
+        return
     text = False
     if service.clip is not None:
         try:
@@ -121,6 +132,26 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def _compare(service, scenes: int, hard_scenes: int, dev: bool) -> dict:
+    """``quality --compare``: prints the tables, returns the figures."""
+    from .quality.comparison import compare_rules, markdown
+    from .quality.evaluation import held_out_seeds
+    from .quality.hardscenes import dev_seeds, generate_hard_scene, held_out_hard_seeds
+    from .quality.scenes import generate_scene
+
+    kind = "development" if dev else "held-out"
+    old_seeds = [500_000 + i for i in range(scenes)] if dev else held_out_seeds(scenes)
+    hard_seeds = dev_seeds(hard_scenes) if dev else held_out_hard_seeds(hard_scenes)
+    click.echo(f"model {service.model_version}; {kind} seeds from {old_seeds[:1]} and {hard_seeds[:1]}")
+    result = {"model_version": service.model_version, "seeds": kind}
+    for name, seeds, scene_of in (("ordinary", old_seeds, generate_scene), ("hard", hard_seeds, generate_hard_scene)):
+        if seeds:
+            comparison = compare_rules(service, seeds, scene_of)
+            click.echo(markdown(comparison, f"{name} suite, {len(seeds)} {kind} scenes"))
+            result[name] = comparison.as_json()
+    return result
 
 
 @main.command("export-onnx")

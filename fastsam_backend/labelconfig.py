@@ -45,6 +45,10 @@ class LabelConfig:
     def brush(self) -> OutputTag | None:
         return next((o for o in self.outputs if o.kind == "brushlabels"), None)
 
+    @property
+    def polygon(self) -> OutputTag | None:
+        return next((o for o in self.outputs if o.kind == "polygonlabels"), None)
+
     def pre_annotation_targets(self) -> tuple[OutputTag, ...]:
         """Output tags for prompt-less pre-annotation: every non-smart labels tag (a smart
         RectangleLabels is the annotator's prompt tool, not a place for boxes), else the brush."""

@@ -10,12 +10,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import BadRequest
-from .settings import LabelMode, PointRule, Settings
+from .polygons import PolygonStyle
+from .settings import BoxRule, InteractiveOutput, LabelMode, PointRule, Settings
 
 OVERRIDABLE = (
     "point_rule", "morphology", "text_margin", "preannotate_min_area", "preannotate_max_instances",
     "preannotate_min_score", "label_mode", "label_min_similarity", "default_label",
+    "box_rule", "interactive_output", "polygon_tolerance_px", "polygon_max_points",
 )
+# spelled out in model_version itself (service.version_for), not in the overrides digest
+SPELLED = {"point_rule", "morphology", "label_config", "box_rule", "interactive_output",
+           "polygon_tolerance_px", "polygon_max_points"}
 
 
 class ProjectOptions(BaseModel):
@@ -30,6 +35,10 @@ class ProjectOptions(BaseModel):
     label_mode: LabelMode
     label_min_similarity: float
     default_label: str | None = None
+    box_rule: BoxRule = BoxRule.PAPER
+    interactive_output: InteractiveOutput = InteractiveOutput.AUTO
+    polygon_tolerance_px: float = Field(1.0, ge=0, le=50)
+    polygon_max_points: int = Field(400, ge=8, le=100_000)
     label_config: str | None = None  # /setup's schema, used when /predict omits label_config
 
     @classmethod
@@ -38,13 +47,16 @@ class ProjectOptions(BaseModel):
 
     def overrides_digest(self, defaults: ProjectOptions) -> str | None:
         """A short digest of the outputs-changing options that differ from ``defaults`` (None if none;
-        ``point_rule`` and ``morphology`` are spelled out in the version itself)."""
-        spelled = {"point_rule", "morphology", "label_config"}
+        the ``SPELLED`` ones are spelled out in the version itself)."""
         mine, base = self.model_dump(mode="json"), defaults.model_dump(mode="json")
-        changed = {k: v for k, v in mine.items() if k not in spelled and base.get(k) != v}
+        changed = {k: v for k, v in mine.items() if k not in SPELLED and base.get(k) != v}
         if not changed:
             return None
         return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+
+    @property
+    def polygon_style(self) -> PolygonStyle:
+        return PolygonStyle(self.polygon_tolerance_px, self.polygon_max_points)
 
     def with_overrides(self, extra: dict[str, Any] | None, label_config: str | None = None) -> ProjectOptions:
         """A copy with ``extra_params`` applied (unknown keys ignored, bad values → BadRequest)."""

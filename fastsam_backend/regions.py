@@ -9,13 +9,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import cv2
 import numpy as np
 
 from .labelconfig import OutputTag
+from .polygons import DEFAULT_STYLE, PolygonStyle, mask_outlines
 from .rle import encode_rle
-
-POLYGON_EPSILON = 0.004  # simplification tolerance, fraction of the contour's perimeter
 
 
 def _region(tag: OutputTag, kind: str, image_size: tuple[int, int], value: dict, score: float) -> dict[str, Any]:
@@ -80,33 +78,19 @@ def rectangle_region(tag: OutputTag, mask: np.ndarray, label: str | None, score:
     return _region(tag, "rectanglelabels", mask.shape, value, score)
 
 
-def mask_polygons(mask: np.ndarray, min_area: float = 4.0) -> list[np.ndarray]:
-    """Outer contours of ``mask`` as ``(K, 2)`` float arrays of pixel-corner ``x, y``.
-
-    Holes are left out: an LS polygon has no holes, so a ring comes back filled and
-    the brush region is the exact answer. Each contour is simplified (Douglas-Peucker).
-    """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    polygons = []
-    for contour in contours:
-        if cv2.contourArea(contour) < min_area and len(contours) > 1:
-            continue
-        eps = POLYGON_EPSILON * cv2.arcLength(contour, True)
-        approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
-        if len(approx) < 3:
-            approx = contour.reshape(-1, 2).astype(np.float64)
-        if len(approx) >= 3:
-            polygons.append(approx + 0.5)  # pixel centres → the polygon covers the pixels
-    return polygons
+def mask_polygons(mask: np.ndarray, style: PolygonStyle = DEFAULT_STYLE) -> list[np.ndarray]:
+    """One outline per connected piece of ``mask``, holes joined in as keyholes
+    (``polygons.mask_outlines``): ``(K, 2)`` float arrays of ``x, y`` pixels."""
+    return mask_outlines(mask, style)
 
 
 def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
-                    box: Box | None = None) -> list[dict[str, Any]]:
-    """One PolygonLabels region per outer contour (percent coordinates)."""
+                    box: Box | None = None, style: PolygonStyle = DEFAULT_STYLE) -> list[dict[str, Any]]:
+    """One PolygonLabels region per connected piece (percent coordinates), holes kept as keyholes."""
     h, w = mask.shape
     part, dx, dy = _within(mask, box, pad=1)  # a zero border: contours as on the whole image
     regions = []
-    for poly in mask_polygons(part):
+    for poly in mask_outlines(part, style):
         poly = poly + np.array([dx, dy], dtype=np.float64)
         points = np.column_stack([100.0 * poly[:, 0] / w, 100.0 * poly[:, 1] / h]).round(4).tolist()
         value = {"points": points, "closed": True, "polygonlabels": _labels(label)}
@@ -115,11 +99,12 @@ def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: 
 
 
 def regions_for(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
-                box: Box | None = None) -> list[dict[str, Any]]:
-    """Regions of ``tag``'s kind for one mask (``box``: see ``brush_region``)."""
+                box: Box | None = None, style: PolygonStyle = DEFAULT_STYLE) -> list[dict[str, Any]]:
+    """Regions of ``tag``'s kind for one mask (``box``: see ``brush_region``; ``style``: how
+    polygons are simplified)."""
     if tag.kind == "brushlabels":
         return [brush_region(tag, mask, label, score, box)]
     if tag.kind == "polygonlabels":
-        return polygon_regions(tag, mask, label, score, box)
+        return polygon_regions(tag, mask, label, score, box, style)
     rect = rectangle_region(tag, mask, label, score, box)
     return [rect] if rect else []

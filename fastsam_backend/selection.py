@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .boxmatch import best_box_match, box_ious, match_box  # noqa: F401 - the first two re-exported
 from .masks import MaskSet
 from .morphology import inner_objects, smooth_mask
-from .settings import PointRule
+from .settings import BoxRule, PointRule
 
 log = logging.getLogger(__name__)
 
@@ -147,44 +148,11 @@ def select_by_points(
     return Selection(merged, score, tuple(int(i) for i in used), box)
 
 
-def box_ious(masks: MaskSet, box: tuple[int, int, int, int]) -> np.ndarray:
-    """``(N,)`` float: pixel IoU of each mask with the box (``x0, y0, x1, y1`` exclusive)."""
-    x0, y0, x1, y1 = box
-    box_area = max(x1 - x0, 0) * max(y1 - y0, 0)
-    inter = masks.box_intersections(box)
-    union = box_area + masks.areas - inter
-    return np.divide(inter, union, out=np.zeros(len(masks)), where=union > 0)
-
-
 def _any_inside(mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
     """Whether ``mask`` has a pixel in ``box``; for a box known to hold the whole mask, whether
     it has any, looking at the box only."""
     x0, y0, x1, y1 = box
     return bool(mask[y0:y1, x0:x1].any())
-
-
-def best_box_match(masks: MaskSet, box: tuple[int, int, int, int]) -> tuple[int, float]:
-    """``(index, IoU)`` of the mask with the highest IoU with ``box``; ``argmax(box_ious(...))``.
-
-    Counts pixels only while a mask could still win: a mask's pixels inside the box are at
-    most ``min(area, box overlap)``, which bounds its IoU, and masks are visited by that bound.
-    """
-    x0, y0, x1, y1 = box
-    box_area = max(x1 - x0, 0) * max(y1 - y0, 0)
-    areas = masks.areas
-    most = np.minimum(areas, masks.box_overlaps(box))
-    union = box_area + areas - most
-    bound = np.divide(most, union, out=np.zeros(len(masks)), where=union > 0)
-    best, best_iou = 0, 0.0
-    for i in np.argsort(-bound, kind="stable"):
-        if bound[i] < best_iou or bound[i] <= 0:
-            break
-        inter = masks.box_intersection(int(i), box)
-        union_i = box_area + int(areas[i]) - inter
-        iou = inter / union_i if union_i else 0.0
-        if iou > best_iou or (iou == best_iou and iou > 0 and i < best):
-            best, best_iou = int(i), iou
-    return best, best_iou
 
 
 def select_by_box(
@@ -195,15 +163,17 @@ def select_by_box(
     *,
     rule: PointRule = PointRule.SMALLEST,
     morphology: bool = True,
+    box_rule: BoxRule = BoxRule.PAPER,
 ) -> Selection | None:
-    """The mask with the highest IoU with the box; clicks inside it refine the result.
+    """The mask ``box_rule`` picks for the box (``boxmatch.match_box``; the paper's: the highest
+    pixel IoU with the box); clicks inside it refine the result.
 
     With clicks, foreground clicks add their masks and background clicks cut theirs
     (as ``select_by_points``), and the result is clipped to the box.
     """
     if len(masks) == 0:
         return None
-    best, best_iou = best_box_match(masks, box)
+    best, best_iou = match_box(masks, box, box_rule)
     if best_iou <= 0:
         return None
     mask = masks.mask(best)

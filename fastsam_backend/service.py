@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
+from .answers import answer_regions, answer_tags
 from .cache import make_cache
 from .clip_scorer import ClipConfig, ClipScorer
 from .deadline import Deadline
@@ -28,7 +29,7 @@ from .options import ProjectOptions
 from .prompts import Prompts, parse_context
 from .protocol import PredictRequest, SetupRequest, Task
 from .readiness import Models
-from .regions import brush_region, regions_for
+from .regions import regions_for
 from .segmenter import Segmenter, SegmenterConfig
 from .selection import (
     Selection,
@@ -39,7 +40,7 @@ from .selection import (
     select_by_text_prompt,
     text_candidates,
 )
-from .settings import LabelMode, Settings
+from .settings import InteractiveOutput, LabelMode, Settings
 from .store import ImageKey, MaskStore
 from .zero_shot import LabelChoice, LabelPhrases, choose_labels, label_named_in
 
@@ -89,6 +90,10 @@ class FastSAMService:
         s = self.settings
         version = (f"{self.segmenter.identity}-i{s.imgsz}-c{s.conf:g}-u{s.iou:g}-d{s.max_det}"
                    f"-{options.point_rule.value}{'-m' if options.morphology else ''}")
+        # issue #15: the box rule, and polygons (keyholes since then) with their tolerance and cap
+        version += f"-b{options.box_rule.value}-{options.polygon_style.tag()}"
+        if options.interactive_output is not InteractiveOutput.AUTO:
+            version += f"-o{options.interactive_output.value}"
         if self.clip is not None and options.label_mode is LabelMode.CLIP:
             version += f"+{self.clip.identity}"  # zero-shot labels depend on it
         if (digest := options.overrides_digest(self._defaults)) is not None:
@@ -145,8 +150,8 @@ class FastSAMService:
         config = parse_label_config(request.label_config or options.label_config)
         interactive = request.context is not None
         prompts = parse_context(request.context)
-        if interactive and config.brush is None:
-            raise BadRequest("label_config has no BrushLabels tag bound to the image: nowhere to put masks")
+        if interactive:
+            answer_tags(config, options.interactive_output)  # a config with nowhere to put masks: 400 first
         if interactive or len(tasks) == 1:
             self.models.wait_until_loaded()
             return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline)
@@ -275,8 +280,7 @@ class FastSAMService:
     # ------------------------------------------------------------ selection
     def _answer_prompts(self, found: ImageMasks, prompts: Prompts, config: LabelConfig,
                         options: ProjectOptions, task_id: Any) -> list[dict[str, Any]]:
-        brush = config.brush
-        assert brush is not None  # checked by predict
+        tags = answer_tags(config, options.interactive_output)
         if not prompts:
             return []
         masks = found.masks
@@ -284,25 +288,28 @@ class FastSAMService:
         points = np.array([p.in_pixels(w, h) for p in prompts.points], dtype=np.int64).reshape(-1, 2)
         positive = np.array([p.positive for p in prompts.points], dtype=bool)
         selections: list[Selection | None] = []
-        label = brush.match_label(prompts.label)
+        text = " ".join(t.text for t in prompts.texts)
         if prompts.texts:
-            text = " ".join(t.text for t in prompts.texts)
             selections.append(self._select_text(found, text, prompts, points, positive, options))
-            label = label_named_in(text, brush.labels) or label
         elif prompts.boxes:
             for box in prompts.boxes:
                 selections.append(select_by_box(masks, box.in_pixels(w, h), points, positive,
-                                                rule=options.point_rule, morphology=options.morphology))
+                                                rule=options.point_rule, morphology=options.morphology,
+                                                box_rule=options.box_rule))
         elif len(points):
             selections.append(select_by_points(masks, points, positive, rule=options.point_rule,
                                                morphology=options.morphology))
-        label = label or options.default_label or (brush.labels[0] if brush.labels else None)
+
+        def label_of(tag: OutputTag) -> str | None:
+            label = (label_named_in(text, tag.labels) if text else None) or tag.match_label(prompts.label)
+            return label or options.default_label or (tag.labels[0] if tag.labels else None)
+
         chosen = [s for s in selections if s is not None]
         if len(chosen) < len(selections):
             log.info("task %s: %d of %d prompts matched no mask (%d instances on the image; a click on "
                      "background or an object the model did not find)", task_id,
                      len(selections) - len(chosen), len(selections), len(masks))
-        return [brush_region(brush, s.mask, label, s.score, s.box) for s in chosen]
+        return answer_regions(tags, chosen, label_of, options.polygon_style)
 
     def _select_text(self, found: ImageMasks, text: str, prompts: Prompts, points: np.ndarray,
                      positive: np.ndarray, options: ProjectOptions) -> Selection | None:
@@ -331,7 +338,7 @@ class FastSAMService:
                 choice = choices[tag.from_name]
                 if choice.keep[rank]:
                     result.extend(regions_for(tag, mask, choice.labels[rank], float(masks.scores[i]),
-                                              masks.union_box([i])))
+                                              masks.union_box([i]), options.polygon_style))
         return result
 
     def _instance_labels(self, found: ImageMasks, order: list[int], tag: OutputTag,

@@ -28,6 +28,23 @@ class PointRule(str, Enum):
     CASIA = "casia"  # CASIA repo: area-ordered painting, smaller masks override larger ones
 
 
+class BoxRule(str, Enum):
+    """How a box prompt picks its mask (see ``boxmatch.match_box``)."""
+
+    PAPER = "paper"  # pixel IoU of the box and the mask (the paper, CASIA, ultralytics; default)
+    BOX = "box"  # IoU of the prompt box and the mask's own box; pixel IoU breaks ties
+    FIT = "fit"  # that box IoU times the share of the mask inside the prompt box; pixel IoU breaks ties
+
+
+class InteractiveOutput(str, Enum):
+    """Which region types interactive answers come as."""
+
+    AUTO = "auto"  # polygon when the config has PolygonLabels and no BrushLabels, brush otherwise
+    BRUSH = "brush"
+    POLYGON = "polygon"
+    BOTH = "both"  # a brush and a polygon region per answer (each where the config has the tag)
+
+
 class LabelMode(str, Enum):
     """How pre-annotation labels instances."""
 
@@ -54,6 +71,15 @@ class Settings(BaseSettings):
     # --- selection ---------------------------------------------------------
     point_rule: PointRule = PointRule.SMALLEST
     morphology: bool = True
+    # issue #15 (box rules, polygon answers) -------------------------------------
+    box_rule: BoxRule = BoxRule.PAPER
+    interactive_output: InteractiveOutput = InteractiveOutput.AUTO
+    polygon_tolerance_px: float = Field(
+        1.0, ge=0, le=50, description="polygon simplification (Douglas-Peucker) tolerance, pixels"
+    )
+    polygon_max_points: int = Field(
+        400, ge=8, le=100_000, description="vertex cap per polygon region (the tolerance grows until it fits)"
+    )
 
     # --- CLIP (text prompts, zero-shot labels) -------------------------------
     clip_enabled: bool = True

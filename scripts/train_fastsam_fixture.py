@@ -69,11 +69,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fastsam_backend.quality.hardscenes import generate_hard_scene  # noqa: E402
 from fastsam_backend.quality.scenes import generate_scene, yolo_segment  # noqa: E402
 
 TRAIN_SEED0 = 0
 VAL_SEED0 = 500_000
 TEST_SEED0 = 1_000_000
+# --hard-scenes: hard scenes (quality.hardscenes) from the top half of its development range, so the
+# rules' development seeds (2,000,000+, the first few hundred) and its held-out ones (3,000,000+) stay unseen
+HARD_TRAIN_SEED0 = 2_500_000
 
 
 def _write_one(job: tuple[int, str, str]) -> int:
@@ -82,7 +86,7 @@ def _write_one(job: tuple[int, str, str]) -> int:
     if os.path.exists(label_file) and os.path.exists(os.path.join(images, f"{seed:07d}.png")):
         with open(label_file) as f:  # kept from an earlier run with the same --data-dir
             return sum(1 for line in f if line.strip())
-    scene = generate_scene(seed)
+    scene = generate_hard_scene(seed) if seed >= HARD_TRAIN_SEED0 else generate_scene(seed)
     h, w = scene.image.shape[:2]
     cv2.imwrite(
         os.path.join(images, f"{seed:07d}.png"),
@@ -102,7 +106,7 @@ def _write_one(job: tuple[int, str, str]) -> int:
     return len(lines)
 
 
-def write_dataset(root: Path, splits: dict[str, range], processes: int = 2) -> Path:
+def write_dataset(root: Path, splits: dict[str, range | list[int]], processes: int = 2) -> Path:
     """Write ``images/<split>`` + ``labels/<split>`` for each split and a ``data.yaml``; returns the yaml."""
     jobs = []
     for split, seeds in splits.items():
@@ -161,6 +165,8 @@ def set_names(path: Path, names: dict[int, str] | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenes", type=int, default=1000, help="training scenes (seeds 0..N-1)")
+    p.add_argument("--hard-scenes", type=int, default=0,
+                   help="also train on this many hard scenes (quality.hardscenes, seeds 2_500_000+)")
     p.add_argument("--val-scenes", type=int, default=40, help="validation scenes (seeds 500_000+)")
     p.add_argument("--test-scenes", type=int, default=100, help="held-out scenes for the final mAP (1_000_000+)")
     p.add_argument("--epochs", type=int, default=16)
@@ -194,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tmp.resolve()  # ultralytics nests relative project dirs under runs/<task>/
     args.out = args.out.resolve()
     splits = {
-        "train": range(TRAIN_SEED0, TRAIN_SEED0 + args.scenes),
+        "train": [*range(TRAIN_SEED0, TRAIN_SEED0 + args.scenes),
+                  *range(HARD_TRAIN_SEED0, HARD_TRAIN_SEED0 + args.hard_scenes)],
         "val": range(VAL_SEED0, VAL_SEED0 + args.val_scenes),
         "test": range(TEST_SEED0, TEST_SEED0 + args.test_scenes),
     }

@@ -344,12 +344,13 @@ def test_text_prompt_without_clip_is_a_clear_503(make_settings, served_scene, sc
     assert response.status_code == 503 and "CLIP" in response.json["error"]
 
 
-def test_interactive_needs_a_brush_tag(client, served_scene):
+def test_interactive_needs_a_brush_or_polygon_tag(client, served_scene):
+    """Polygon-only configs get polygon answers (issue #15); a config with neither tag is a 400."""
     _, url = served_scene
     body = interactive_body(url, keypoint(5, 5, 320, 240))
-    body["label_config"] = '<View><Image name="image" value="$image"/><PolygonLabels name="p" toName="image"/></View>'
+    body["label_config"] = '<View><Image name="image" value="$image"/><RectangleLabels name="r" toName="image"/></View>'
     response = client.post("/predict", json=body)
-    assert response.status_code == 400 and "BrushLabels" in response.json["error"]
+    assert response.status_code == 400 and "BrushLabels or PolygonLabels" in response.json["error"]
 
 
 def test_responses_carry_the_request_id_and_the_app_time(client):
