@@ -92,7 +92,7 @@ def _best_by_box(masks: MaskSet, box: Box, *, spill: bool) -> tuple[int, float]:
     return best, best_score
 
 
-def match_box(masks: MaskSet, box: Box, rule: BoxRule = BoxRule.PAPER) -> tuple[int, float]:
+def match_box(masks: MaskSet, box: Box, rule: BoxRule = BoxRule.FIT) -> tuple[int, float]:
     """``(index, score)`` of the mask ``rule`` picks for ``box``; a score of 0 means no mask has a
     pixel in the box (the index is then meaningless)."""
     if len(masks) == 0:

@@ -35,7 +35,7 @@ class ProjectOptions(BaseModel):
     label_mode: LabelMode
     label_min_similarity: float
     default_label: str | None = None
-    box_rule: BoxRule = BoxRule.PAPER
+    box_rule: BoxRule = BoxRule.FIT
     interactive_output: InteractiveOutput = InteractiveOutput.AUTO
     polygon_tolerance_px: float = Field(1.0, ge=0, le=50)
     polygon_max_points: int = Field(400, ge=8, le=100_000)

@@ -163,7 +163,7 @@ def select_by_box(
     *,
     rule: PointRule = PointRule.SMALLEST,
     morphology: bool = True,
-    box_rule: BoxRule = BoxRule.PAPER,
+    box_rule: BoxRule = BoxRule.FIT,
 ) -> Selection | None:
     """The mask ``box_rule`` picks for the box (``boxmatch.match_box``; the paper's: the highest
     pixel IoU with the box); clicks inside it refine the result.

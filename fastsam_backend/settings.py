@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     point_rule: PointRule = PointRule.SMALLEST
     morphology: bool = True
     # issue #15 (box rules, polygon answers) -------------------------------------
-    box_rule: BoxRule = BoxRule.PAPER
+    box_rule: BoxRule = BoxRule.FIT
     interactive_output: InteractiveOutput = InteractiveOutput.AUTO
     polygon_tolerance_px: float = Field(
         1.0, ge=0, le=50, description="polygon simplification (Douglas-Peucker) tolerance, pixels"

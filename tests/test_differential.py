@@ -12,7 +12,7 @@ import pytest
 from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.segmenter import masks_from_result
 from fastsam_backend.selection import box_ious, select_by_box, select_by_points
-from fastsam_backend.settings import PointRule
+from fastsam_backend.settings import BoxRule, PointRule
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 from tests.helpers import interior_point, iou
 
@@ -51,7 +51,7 @@ def test_box_prompts_match_ultralytics(runs):
             rows, cols = np.flatnonzero(obj.mask.any(1)), np.flatnonzero(obj.mask.any(0))
             box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
             theirs = their_union(predictor.prompt(result, bboxes=[list(box)]), obj.mask.shape)
-            ours = select_by_box(ours_masks, box)
+            ours = select_by_box(ours_masks, box, box_rule=BoxRule.PAPER)  # ultralytics implements the paper's rule
             if ours is None:
                 # deliberate difference: no mask overlaps the box → we answer nothing, ultralytics
                 # answers argmax of all-zero IoUs (instance 0, an arbitrary mask)

@@ -160,8 +160,8 @@ def test_a_mode_the_config_cannot_serve_is_a_400_naming_it(service, hard):
 def test_model_version_names_the_box_rule_and_the_polygon_settings(make_settings, hard):
     base = build_service(make_settings(clip_enabled=False), GroundTruthSegmenter([hard]))
     version = base.model_version
-    assert "-bpaper-pk1x400" in version
-    variants = [dict(box_rule=BoxRule.FIT), dict(polygon_tolerance_px=2.0), dict(polygon_max_points=100),
+    assert "-bfit-pk1x400" in version
+    variants = [dict(box_rule=BoxRule.PAPER), dict(polygon_tolerance_px=2.0), dict(polygon_max_points=100),
                 dict(interactive_output=InteractiveOutput.POLYGON)]
     seen = {version}
     for overrides in variants:
