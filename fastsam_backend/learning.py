@@ -20,7 +20,7 @@ import numpy as np
 from .annotations import DELETED, AnnotatedRegion, Annotation, AnnotationEvent
 from .errors import BackendError, ModelUnavailable
 from .example_store import AnnotationExamples, ExampleStore
-from .label_model import Example, LabelModel, choose_learned
+from .label_model import Example, LabelModel, choose_learned, label_scores
 from .labelconfig import OutputTag, parse_label_config
 from .masks import MaskSet
 from .zero_shot import LabelChoice, LabelPhrases, choose_labels
@@ -100,13 +100,17 @@ class Learner:
         """Labels of the instances ``order``: learned labels by prototype, the others zero-shot."""
         embeddings = self.service.crop_embeddings(found)[order].astype(np.float32)
         rest = tuple(lab for lab in tag.labels if lab not in model.learned(tag.labels))
-        zero = None
-        if rest:
+        zero = text = None
+        if not rest:
+            every = LabelPhrases.of(tag)
+            text = label_scores(embeddings, self.service.phrase_embeddings(every.phrases), every.owner,
+                                len(every.labels))
+        else:
             phrases = _restricted(LabelPhrases.of(tag), rest)
             zero = choose_labels(embeddings, self.service.phrase_embeddings(phrases.phrases), phrases,
                                  min_similarity=options.label_min_similarity, default_label=options.default_label)
         return choose_learned(model, embeddings, tag.labels, zero, min_similarity=self.config.min_similarity,
-                              default_label=options.default_label)
+                              default_label=options.default_label, text_scores=text)
 
     def label_of_selection(self, found: ImageMasks, indices: tuple[int, ...], labels: tuple[str, ...],
                            model: LabelModel) -> str | None:
