@@ -149,8 +149,9 @@ def _child_exit(server, worker) -> None:
 
 
 from .cli_jobs import preannotate, warm, worker  # noqa: E402 - they use configure_logging above
+from .cli_learn import quality_labels  # noqa: E402
 
-for _command in (worker, warm, preannotate):
+for _command in (worker, warm, preannotate, quality_labels):
     main.add_command(_command)
 
 if __name__ == "__main__":
