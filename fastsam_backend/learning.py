@@ -74,6 +74,14 @@ class Learner:
         clip = self.service.clip
         return clip.identity if clip is not None and self.config.enabled else None
 
+    def unavailable(self) -> str | None:
+        """Why annotations teach nothing here (None: they do)."""
+        if not self.config.enabled:
+            return "label learning is off (LEARN_ENABLED=false)"
+        if self.service.clip is None:
+            return "label learning needs CLIP (CLIP_ENABLED=false here)"
+        return None
+
     # ------------------------------------------------------------- serving
     def model_for(self, project: str | None) -> LabelModel | None:
         """The project's prototypes at its current revision (None: learning off, no project, or no
@@ -125,8 +133,8 @@ class Learner:
     # ------------------------------------------------------------ learning
     def learn(self, event: AnnotationEvent) -> dict[str, Any]:
         """Apply one webhook event; the summary is the webhook's answer."""
-        if self.clip_id is None:
-            return {"learned": False, "reason": "label learning needs CLIP (CLIP_ENABLED) and LEARN_ENABLED"}
+        if (why := self.unavailable()) is not None:
+            return {"learned": False, "reason": why}
         project = event.project
         if event.action == DELETED:
             gone = self.store.delete(project, list(event.deleted))

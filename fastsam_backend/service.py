@@ -126,7 +126,8 @@ class FastSAMService:
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
         """Annotation events teach the project's labels (``learning``); FastSAM itself is not trained."""
         if event in ANNOTATION_EVENTS:
-            return self.learner.learn(parse_event(event, data))
+            why = self.learner.unavailable()
+            return {"learned": False, "reason": why} if why else self.learner.learn(parse_event(event, data))
         log.info("webhook %s acknowledged (FastSAM is zero-shot: no training)", event)
         return {"trained": False, "reason": "FastSAM is used zero-shot; annotations do not change it"}
 
