@@ -209,3 +209,48 @@ def test_issue_bar_three_examples_per_label(make_settings):
     service = build_service(_settings(make_settings, learn_min_examples=1))
     zero, three = examples_table(service, (0, 3), scenes=BAR_SCENES)
     assert three.top1 >= 0.85 and three.top1 >= zero.top1 + 0.2
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_click_without_a_label_gets_the_learned_label_of_its_mask(make_settings):
+    """Interactive answers: a keypoint carrying no label is answered with its mask's learned label
+    (without examples: the tag's first label, as before)."""
+    from fastsam_backend.protocol import SetupRequest, predict_request
+    from fastsam_backend.quality import lsrequests
+    from fastsam_backend.quality.evaluation import click_points
+    from fastsam_backend.quality.labels_learned import LABEL_CONFIG, example_events
+    from fastsam_backend.quality.scenes import SHAPES, generate_scene
+    from fastsam_backend.service import build_service
+
+    config = LABEL_CONFIG.replace("</View>", '<KeyPointLabels name="kp" toName="image" smart="true">'
+                                  '<Label value="circle"/></KeyPointLabels></View>')
+    service = build_service(_settings(make_settings, learn_min_examples=3))
+    for project in ("taught", "untaught"):
+        service.setup(SetupRequest(project, config))
+    for body in example_events("taught", 3):
+        service.fit(body["action"], body)
+    body = example_events("taught", 3)[0]
+    scene = generate_scene(int(body["annotation"]["id"]))
+    task = {"id": 1, "data": {"image": lsrequests.data_uri(scene.image)}}
+    h, w = scene.image.shape[:2]
+    model = service.learner.model_for("taught")
+    labels = {}
+    for obj in scene.objects:
+        x, y = click_points(obj.mask, np.random.default_rng(0), 0)[0]
+        click = lsrequests.keypoint(x, y, w, h, positive=True, label="circle", from_name="kp")
+        del click["value"]["keypointlabels"]
+        for project in ("taught", "untaught"):
+            (pred,) = service.predict(predict_request([task], {"result": [click]}, config, project))
+            labels[project, obj.shape] = pred["result"][0]["value"]["brushlabels"][0] if pred["result"] else None
+        found = service.masks_for(task["data"]["image"])
+        from fastsam_backend.selection import select_by_points
+
+        options = service.options_for("taught")
+        sel = select_by_points(found.masks, np.array([[x, y]]), np.array([True]), rule=options.point_rule,
+                               morphology=options.morphology)
+        if sel is not None:
+            want = service.learner.label_of_selection(found, sel.indices, SHAPES, model)
+            assert labels["taught", obj.shape] == want
+    assert {v for (p, _), v in labels.items() if p == "untaught"} <= {"circle", None}
+    assert {v for (p, _), v in labels.items() if p == "taught"} - {"circle", None}, labels
