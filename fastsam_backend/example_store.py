@@ -151,6 +151,15 @@ class RedisExamples:
             self.client.delete(*keys)
 
 
+def store_errors() -> tuple[type[BaseException], ...]:
+    """What a failing store raises (Redis down, timeouts): the webhook answers 503 on these."""
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return (OSError,)
+    return (redis.RedisError, OSError)
+
+
 def make_example_store(redis_url: str | None, prefix: str) -> ExampleStore:
     if not redis_url:
         return MemoryExamples()

@@ -19,7 +19,7 @@ import numpy as np
 
 from .annotations import DELETED, AnnotatedRegion, Annotation, AnnotationEvent
 from .errors import BackendError, ModelUnavailable
-from .example_store import AnnotationExamples, ExampleStore
+from .example_store import AnnotationExamples, ExampleStore, store_errors
 from .label_model import Example, LabelModel, choose_learned, label_scores
 from .labelconfig import OutputTag, parse_label_config
 from .masks import MaskSet
@@ -132,9 +132,17 @@ class Learner:
 
     # ------------------------------------------------------------ learning
     def learn(self, event: AnnotationEvent) -> dict[str, Any]:
-        """Apply one webhook event; the summary is the webhook's answer."""
+        """Apply one webhook event; the summary is the webhook's answer. A store that fails is a 503
+        (Label Studio logs it; the annotation is learned from when it is saved again, or by ``fit``)."""
         if (why := self.unavailable()) is not None:
             return {"learned": False, "reason": why}
+        try:
+            return self._learn(event)
+        except store_errors() as exc:
+            raise BackendError(f"label examples could not be stored: Redis failed ({type(exc).__name__})",
+                               status=503) from None
+
+    def _learn(self, event: AnnotationEvent) -> dict[str, Any]:
         project = event.project
         if event.action == DELETED:
             gone = self.store.delete(project, list(event.deleted))

@@ -254,3 +254,16 @@ def test_a_click_without_a_label_gets_the_learned_label_of_its_mask(make_setting
             assert labels["taught", obj.shape] == want
     assert {v for (p, _), v in labels.items() if p == "untaught"} <= {"circle", None}
     assert {v for (p, _), v in labels.items() if p == "taught"} - {"circle", None}, labels
+
+
+def test_a_store_that_fails_is_a_503(make_settings, own_redis):
+    from fastsam_backend.server import create_app
+
+    settings = make_settings(redis_url=own_redis.url, cache_prefix="learn-503:", clip_enabled=True,
+                             open_clip_model=str(MODELS / "clip-shapes.json"),
+                             open_clip_pretrained=str(MODELS / "clip-shapes.pt"))
+    client = create_app(settings).test_client()
+    own_redis.kill()
+    r = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 5},
+                                      "annotations": [{"id": 1}]})
+    assert r.status_code == 503 and "Redis failed" in r.json["error"], r.json
