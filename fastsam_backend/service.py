@@ -121,6 +121,7 @@ class FastSAMService:
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:
                 self._projects[project] = options
+            return self.version_for(options, self.learner.model_for(project))  # what its predictions carry
         return self.version_for(options)
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:

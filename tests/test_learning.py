@@ -146,6 +146,10 @@ def test_examples_persist_in_redis_and_are_shared_with_another_process(make_sett
     assert model is not None and {lab: model.count(lab) for lab in model.labels} == child[-1]["examples_per_label"]
     options = service.options_for("41")
     assert service.version_for(options, model).endswith("+" + model.version_tag)
+    from fastsam_backend.protocol import SetupRequest
+
+    # /setup gives LS the version the project's predictions carry (else LS would re-predict every task)
+    assert service.setup(SetupRequest("41.1700000000")) == service.version_for(service.options_for("41"), model)
     from fastsam_backend.quality.labels_learned import example_events
 
     first = example_events("41", 1)[0]["annotation"]["id"]
