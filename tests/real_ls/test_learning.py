@@ -15,13 +15,21 @@ from pathlib import Path
 from fastsam_backend.quality.labels_learned import LABEL_CONFIG, brush, example_events
 from fastsam_backend.quality.scenes import generate_scene
 
-from .harness import WebhookRelay, image_bytes, wait_until
+from .harness import Backend, WebhookRelay, image_bytes, wait_until
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED")
 
 
-def test_annotation_webhooks_teach_labels_and_change_the_model_version(label_studio, backend, note):
+def test_annotation_webhooks_teach_labels_and_change_the_model_version(label_studio, tmp_path, note):
+    backend = Backend(tmp_path, label_studio, name="learning-backend", LEARN_MIN_EXAMPLES="1").start()
+    try:
+        run(label_studio, backend, note)
+    finally:
+        backend.stop()
+
+
+def run(label_studio, backend, note) -> None:
     api = label_studio.api
     pid = api.create_project("fastsam learned labels", LABEL_CONFIG)
     events = example_events(str(pid), 1)[:2]  # two example scenes, a few labelled objects each
@@ -29,7 +37,9 @@ def test_annotation_webhooks_teach_labels_and_change_the_model_version(label_stu
     files = {f"learn-{s}.png": image_bytes(generate_scene(s).image) for s in seeds}
     files["learn-eval.png"] = image_bytes(generate_scene(seeds[-1] + 1000).image)
     tasks = api.upload(pid, files)
-    api.connect_ml(pid, backend.url)
+    ml = api.connect_ml(pid, backend.url)
+    api.retrieve_predictions(pid)
+    before = api.predictions(tasks["learn-eval.png"]["id"])
     relay = WebhookRelay(f"{backend.url}/webhook")
     try:
         api.json("POST", "/api/webhooks/", json={"project": pid, "url": relay.url, "send_payload": True,
@@ -66,3 +76,11 @@ def test_annotation_webhooks_teach_labels_and_change_the_model_version(label_stu
     assert final["examples_per_label"] == {first.shape: 1}, final
     hooks = api.json("GET", "/api/webhooks/", params={"project": pid})
     assert any(h["url"] == f"{backend.url}/webhook" and h["send_for_all_actions"] for h in hooks), hooks
+    # The next Retrieve Predictions: a new model version (the learned label), so LS predicts the task again
+    api.retrieve_predictions(pid)
+    after = api.predictions(tasks["learn-eval.png"]["id"])
+    versions = [p["model_version"] for p in before], [p["model_version"] for p in after]
+    note(f"eval task's prediction versions before / after learning: {versions}")
+    assert len(before) == 1 and "+L" not in before[0]["model_version"]
+    assert len(after) == 2 and "+L" in after[-1]["model_version"], versions
+    assert api.json("GET", f"/api/ml/{ml['id']}")["model_version"] == after[-1]["model_version"]
