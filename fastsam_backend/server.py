@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 MODEL_CLASS = "FastSAMBackend"
 TASKS_CREATED = "TASKS_CREATED"  # enqueues warm jobs for the new tasks' images (README: Scaling out)
-TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "START_TRAINING"}
+TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
+                "ANNOTATION_DELETED", "START_TRAINING"}  # annotation events teach labels (learning.py)
 UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials
 
 

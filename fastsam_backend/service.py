@@ -16,13 +16,17 @@ from typing import Any
 import numpy as np
 
 from . import metrics
+from .annotations import ANNOTATION_EVENTS, parse_event
 from .answers import answer_regions, answer_tags
 from .cache import make_cache
 from .clip_scorer import ClipConfig, ClipScorer
 from .deadline import Deadline
 from .errors import BackendError, BadRequest, DeadlineExceeded, ModelUnavailable
+from .example_store import ExampleStore, MemoryExamples, make_example_store
 from .images import ImageLoader, ImageSourceConfig, LoadedImage
+from .label_model import LabelModel
 from .labelconfig import LabelConfig, OutputTag, parse_label_config
+from .learning import LearnConfig, Learner
 from .lscheck import REFUSED_TOKEN_REASON, CredentialChecker
 from .masks import MaskSet
 from .options import ProjectOptions
@@ -63,7 +67,7 @@ class FastSAMService:
     """One per worker process; see ``build_service``."""
 
     def __init__(self, settings: Settings, segmenter: Segmenter, store: MaskStore, images: ImageLoader,
-                 clip: ClipScorer | None = None) -> None:
+                 clip: ClipScorer | None = None, examples: ExampleStore | None = None) -> None:
         self.settings = settings
         self.segmenter = segmenter
         self.store = store
@@ -76,6 +80,9 @@ class FastSAMService:
         self._cold = threading.BoundedSemaphore(settings.max_cold_images)  # decoded images + activations
         self.models = Models(segmenter, clip if settings.clip_enabled else None, settings.load_wait_s)
         self.credentials = CredentialChecker(verify_ssl=settings.verify_ssl)
+        self.learner = Learner(self, examples or MemoryExamples(), LearnConfig(  # labels from annotations
+            settings.learn_enabled, settings.learn_min_examples, settings.learn_match_iou,
+            settings.learn_min_similarity))
 
     # ----------------------------------------------------------------- setup
     @property
@@ -83,7 +90,7 @@ class FastSAMService:
         """``model_version`` of a project without overrides (see ``version_for``)."""
         return self.version_for(self._defaults)
 
-    def version_for(self, options: ProjectOptions) -> str:
+    def version_for(self, options: ProjectOptions, learned: LabelModel | None = None) -> str:
         """What LS compares to skip tasks already predicted: the checkpoint identities, every setting
         and project override that changes outputs -- never whether a model happened to load (a
         component that cannot load fails the predictions needing it, under this same version)."""
@@ -98,6 +105,8 @@ class FastSAMService:
             version += f"+{self.clip.identity}"  # zero-shot labels depend on it
         if (digest := options.overrides_digest(self._defaults)) is not None:
             version += f"-p{digest}"
+        if learned is not None and (tag := learned.version_tag) is not None:
+            version += f"+{tag}"  # the project's learned labels (changes with its annotations)
         return version
 
     def setup(self, request: SetupRequest) -> str:
@@ -117,10 +126,14 @@ class FastSAMService:
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:
                 self._projects[project] = options
+            return self.version_for(options, self.learner.model_for(project))  # what its predictions carry
         return self.version_for(options)
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        """FastSAM is not fine-tuned from annotations; webhooks are acknowledged and ignored."""
+        """Annotation events teach the project's labels (``learning``); FastSAM itself is not trained."""
+        if event in ANNOTATION_EVENTS:
+            why = self.learner.unavailable()
+            return {"learned": False, "reason": why} if why else self.learner.learn(parse_event(event, data))
         log.info("webhook %s acknowledged (FastSAM is zero-shot: no training)", event)
         return {"trained": False, "reason": "FastSAM is used zero-shot; annotations do not change it"}
 
@@ -147,6 +160,7 @@ class FastSAMService:
         tasks = request.tasks
         deadline = Deadline(self.settings.predict_deadline_s)
         options = self.options_for(request.project_id)
+        learned = self.learner.model_for(project_id(request.project_id))
         config = parse_label_config(request.label_config or options.label_config)
         interactive = request.context is not None
         prompts = parse_context(request.context)
@@ -154,7 +168,7 @@ class FastSAMService:
             answer_tags(config, options.interactive_output)  # a config with nowhere to put masks: 400 first
         if interactive or len(tasks) == 1:
             self.models.wait_until_loaded()
-            return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline)
+            return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline, learned)
                     for i, task in enumerate(tasks)]
 
         self.models.wait_until_loaded()  # the budget is for per-task work, not for a load after start-up
@@ -175,7 +189,7 @@ class FastSAMService:
                 break
             task_started = time.monotonic()
             try:
-                predictions.append(self._predict_task(task, i, config, None, options, deadline))
+                predictions.append(self._predict_task(task, i, config, None, options, deadline, learned))
                 metrics.BATCH_TASKS.labels(outcome="predicted").inc()
             except BackendError as exc:  # the image, the task's data, a model a label needs
                 log.warning("batch of %d tasks: %s skipped: %s", len(tasks), _task_name(task, i), exc.message)
@@ -189,16 +203,16 @@ class FastSAMService:
         return predictions
 
     def _predict_task(self, task: Task, index: int, config: LabelConfig, prompts: Prompts | None,
-                      options: ProjectOptions, deadline: Deadline) -> dict[str, Any]:
-        """``prompts`` None: pre-annotation (no context)."""
+                      options: ProjectOptions, deadline: Deadline, learned: LabelModel | None = None) -> dict[str, Any]:
+        """``prompts`` None: pre-annotation (no context); ``learned``: the project's learned labels."""
         found = self.masks_for(task_image_url(task, config, index), deadline)
         if prompts is not None:
-            result = self._answer_prompts(found, prompts, config, options, task.id)
+            result = self._answer_prompts(found, prompts, config, options, task.id, learned)
         else:
-            result = self._pre_annotate(found, config, options)
+            result = self._pre_annotate(found, config, options, learned)
         scores = [r["score"] for r in result if "score" in r]
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
-                "model_version": self.version_for(options)}
+                "model_version": self.version_for(options, learned)}
 
     def masks_for(self, image_url: str, deadline: Deadline | None = None) -> ImageMasks:
         """All-instance masks of the image at ``image_url``: from the cache, else segmented once.
@@ -279,7 +293,8 @@ class FastSAMService:
 
     # ------------------------------------------------------------ selection
     def _answer_prompts(self, found: ImageMasks, prompts: Prompts, config: LabelConfig,
-                        options: ProjectOptions, task_id: Any) -> list[dict[str, Any]]:
+                        options: ProjectOptions, task_id: Any,
+                        learned: LabelModel | None = None) -> list[dict[str, Any]]:
         tags = answer_tags(config, options.interactive_output)
         if not prompts:
             return []
@@ -299,12 +314,14 @@ class FastSAMService:
         elif len(points):
             selections.append(select_by_points(masks, points, positive, rule=options.point_rule,
                                                morphology=options.morphology))
+        chosen = [s for s in selections if s is not None]
 
         def label_of(tag: OutputTag) -> str | None:
             label = (label_named_in(text, tag.labels) if text else None) or tag.match_label(prompts.label)
+            if label is None and learned is not None and chosen:  # no label on the prompt: the learned one
+                label = self.learner.label_of_selection(found, chosen[0].indices, tag.labels, learned)
             return label or options.default_label or (tag.labels[0] if tag.labels else None)
 
-        chosen = [s for s in selections if s is not None]
         if len(chosen) < len(selections):
             log.info("task %s: %d of %d prompts matched no mask (%d instances on the image; a click on "
                      "background or an object the model did not find)", task_id,
@@ -323,14 +340,15 @@ class FastSAMService:
         candidates = text_candidates(masks, [box.in_pixels(w, h) for box in prompts.boxes], points, positive)
         return select_by_text_prompt(masks, sims, candidates, several=names_several(text), margin=options.text_margin)
 
-    def _pre_annotate(self, found: ImageMasks, config: LabelConfig, options: ProjectOptions) -> list[dict]:
+    def _pre_annotate(self, found: ImageMasks, config: LabelConfig, options: ProjectOptions,
+                      learned: LabelModel | None = None) -> list[dict]:
         """Prompt-less pre-annotation: every instance worth keeping, labelled, highest score first."""
         masks = found.masks
         order = preannotation_order(masks, min_area=options.preannotate_min_area,
                                     min_score=options.preannotate_min_score,
                                     max_instances=options.preannotate_max_instances)
         targets = config.pre_annotation_targets()
-        choices = {tag.from_name: self._instance_labels(found, order, tag, options) for tag in targets}
+        choices = {tag.from_name: self._instance_labels(found, order, tag, options, learned) for tag in targets}
         result: list[dict[str, Any]] = []
         for rank, i in enumerate(order):
             mask = masks.mask(i)
@@ -342,7 +360,7 @@ class FastSAMService:
         return result
 
     def _instance_labels(self, found: ImageMasks, order: list[int], tag: OutputTag,
-                         options: ProjectOptions) -> LabelChoice:
+                         options: ProjectOptions, learned: LabelModel | None = None) -> LabelChoice:
         """Per kept instance its label, by the project's label mode. Without CLIP, zero-shot labels
         are never guessed: a tag with one label gets it, else ``DEFAULT_LABEL``, else an error."""
         first = tag.labels[0] if tag.labels else None
@@ -358,6 +376,8 @@ class FastSAMService:
                 f"zero-shot labels for <{tag.kind} name=\"{tag.from_name}\"> need CLIP, which is unavailable "
                 f"({why}); make CLIP available, or set DEFAULT_LABEL (or the project's extra_params "
                 f"default_label) to label every instance with it")
+        if learned is not None and learned.learned(tag.labels):  # per label: learned, else zero-shot
+            return self.learner.choose(found, order, tag, options, learned)
         phrases = LabelPhrases.of(tag)
         return choose_labels(self.crop_embeddings(found)[order], self.phrase_embeddings(phrases.phrases), phrases,
                              min_similarity=options.label_min_similarity, default_label=options.default_label)
@@ -390,6 +410,7 @@ def build_service(settings: Settings, segmenter: Segmenter | None = None) -> Fas
         store=MaskStore(make_cache(settings), url_memo_ttl_s=settings.url_memo_ttl_s),
         images=ImageLoader(ImageSourceConfig.from_settings(settings)),
         clip=ClipScorer(ClipConfig.from_settings(settings)) if settings.clip_enabled else None,
+        examples=make_example_store(settings.redis_url, settings.cache_prefix),
     )
     log.info("model version %s", service.model_version)
     return service

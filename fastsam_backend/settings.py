@@ -102,6 +102,19 @@ class Settings(BaseSettings):
     )
     default_label: str | None = Field(None, description="label for instances CLIP cannot place")
 
+    # --- labels learned from annotations (fastsam_backend/learning.py) -------------
+    learn_enabled: bool = Field(True, description="learn labels from LS's annotation webhooks (needs CLIP)")
+    learn_min_examples: int = Field(
+        3, ge=1, description="a label is predicted from its examples once it has this many; zero-shot before"
+    )
+    learn_match_iou: float = Field(
+        0.5, ge=0, le=1, description="an annotated region uses the cached instance it overlaps this much"
+    )
+    learn_min_similarity: float = Field(
+        0.8, ge=-1, le=1, description="while some labels are not learned yet, an instance takes a learned "
+        "label only when its crop is at least this close (cosine) to that label's prototype"
+    )
+
     # --- cache -------------------------------------------------------------
     redis_url: str | None = None
     cache_prefix: str = "fastsam:"

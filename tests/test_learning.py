@@ -1,0 +1,273 @@
+"""Labels learned from annotations: the label model, its store, the webhook path, the quality bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastsam_backend.annotations import parse_event, region_mask
+from fastsam_backend.errors import BadRequest
+from fastsam_backend.example_store import AnnotationExamples, MemoryExamples, RedisExamples
+from fastsam_backend.label_model import Example, LabelModel, choose_learned
+from fastsam_backend.zero_shot import LabelChoice
+from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
+
+WEBHOOKS = Path(__file__).parent / "fixtures" / "ls-webhooks"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def unit(*v: float) -> np.ndarray:
+    a = np.asarray(v, np.float32)
+    return a / np.linalg.norm(a)
+
+
+# ------------------------------------------------------------------ the model (pure numpy)
+def test_prototypes_pick_the_nearest_label_once_every_label_is_learned():
+    ex = [Example("a", unit(1, 0, 0)), Example("a", unit(1, 0.2, 0)), Example("b", unit(0, 1, 0))]
+    model = LabelModel.fit(ex, min_examples=1, revision=4)
+    assert model.labels == ("a", "b") and model.counts.tolist() == [2, 1]
+    choice = choose_learned(model, np.stack([unit(0.9, 0.1, 0), unit(0.1, 1, 0), np.zeros(3, np.float32)]),
+                            ("a", "b"), None, min_similarity=0.9, default_label=None)
+    assert choice.labels[:2] == ("a", "b") and choice.keep.tolist() == [True, True, False]
+    assert model.version_tag is not None and model.version_tag.startswith("L4.")
+
+
+def test_labels_without_enough_examples_stay_zero_shot():
+    ex = [Example("a", unit(1, 0, 0))] * 3 + [Example("b", unit(0, 1, 0))]  # b: 1 < min_examples
+    model = LabelModel.fit(ex, min_examples=3)
+    assert model.learned(("a", "b", "c")) == ("a",)
+    zero = LabelChoice(("b", "c", "b"), np.array([True, True, False]))
+    emb = np.stack([unit(1, 0.1, 0), unit(0, 1, 0), unit(0, 0, 1)])
+    choice = choose_learned(model, emb, ("a", "b", "c"), zero, min_similarity=0.8, default_label=None)
+    assert choice.labels == ("a", "c", "b") and choice.keep.tolist() == [True, True, False]
+    assert LabelModel.fit(ex[3:], min_examples=3).version_tag is None  # nothing learned: version unchanged
+
+
+# ------------------------------------------------------------------ payloads and regions
+@pytest.mark.parametrize("name", ["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED"])
+def test_real_label_studio_payloads_parse(name):
+    body = json.loads((WEBHOOKS / f"ls-1.23.2-webhook-learn-{name}.json").read_text())
+    event = parse_event(body["action"], body)
+    assert event.project == str(body["project"]["id"])
+    if name == "ANNOTATIONS_DELETED":
+        assert event.deleted == tuple(str(a["id"]) for a in body["annotations"])
+    else:
+        (ann,) = event.annotations
+        assert ann.id == str(body["annotation"]["id"]) and ann.task_data["image"]
+        assert ann.regions and all(r.mask.any() for r in ann.regions)
+
+
+@pytest.mark.parametrize("kind,value,expected", [
+    ("rectanglelabels", {"x": 25, "y": 50, "width": 50, "height": 25}, (slice(2, 3), slice(1, 3))),
+    ("polygonlabels", {"points": [[25, 50], [75, 50], [75, 75], [25, 75]]}, (slice(2, 4), slice(1, 4))),
+])
+def test_regions_in_percent_become_masks(kind, value, expected):
+    mask = region_mask(kind, value, 4, 4)
+    want = np.zeros((4, 4), bool)
+    want[expected] = True
+    assert (mask == want).all() if kind == "rectanglelabels" else mask[expected].all()
+
+
+@pytest.mark.parametrize("body,what", [
+    ({"action": "ANNOTATIONS_DELETED"}, "project.id"),
+    ({"project": {"id": 1}, "annotations": "x"}, "annotations"),
+    ({"project": {"id": 1}, "annotation": {"result": []}}, "annotation.id"),
+    ({"project": {"id": 1}, "annotation": {"id": 3, "result": [{"type": "brushlabels", "value": {
+        "rle": [1, 2], "brushlabels": ["a"]}, "original_width": 4, "original_height": 4}]}}, "not a valid region"),
+])
+def test_bad_payloads_are_400_naming_the_field(body, what):
+    action = "ANNOTATIONS_DELETED" if "annotations" in body or "annotation" not in body else "ANNOTATION_CREATED"
+    with pytest.raises(BadRequest, match=what.replace(".", r"\.")):
+        parse_event(action, body)
+
+
+# ------------------------------------------------------------------ the store
+def _item(ann: str, *labels: str) -> AnnotationExamples:
+    return AnnotationExamples(ann, "7", "clip-x", tuple(Example(lab, unit(1, i, 0)) for i, lab in enumerate(labels)))
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_store_keys_examples_per_annotation_so_deletions_remove_exactly_theirs(kind, request):
+    store = MemoryExamples() if kind == "memory" else RedisExamples(request.getfixturevalue("own_redis").raw(), "t:")
+    store.put("p", _item("1", "a", "b"))
+    store.put("p", _item("2", "a"))
+    store.put("q", _item("1", "c"))
+    assert sorted(e.label for e in store.load("p", "clip-x")) == ["a", "a", "b"]
+    assert store.load("p", "other-clip") == []  # examples of another CLIP are not mixed in
+    rev = store.revision("p")
+    store.put("p", _item("1", "b"))  # the annotation was updated: its examples are replaced
+    assert sorted(e.label for e in store.load("p", "clip-x")) == ["a", "b"] and store.revision("p") > rev
+    assert store.delete("p", ["2", "99"]) == 1
+    assert [e.label for e in store.load("p", "clip-x")] == ["b"]
+    assert [e.label for e in store.load("q", "clip-x")] == ["c"]
+
+
+# ------------------------------------------------------------------ the service, real models
+def _settings(make_settings, **kw):
+    return make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
+                         open_clip_pretrained=str(MODELS / "clip-shapes.pt"), **kw)
+
+
+CHILD = """
+import json, sys
+from fastsam_backend.settings import load_settings
+from fastsam_backend.service import build_service
+from fastsam_backend.quality.labels_learned import example_events
+s = load_settings(**json.loads(sys.argv[1]))
+svc = build_service(s)
+for body in example_events("41", 1)[:2]:
+    print(json.dumps(svc.fit(body["action"], body)))
+"""
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_examples_persist_in_redis_and_are_shared_with_another_process(make_settings, fastsam_weights, own_redis):
+    """A worker process learns from two annotations; this process (a replica, or the same backend
+    after a restart) serves the same model and version; a deletion here reaches the store."""
+    from fastsam_backend.service import build_service
+
+    env = dict(fastsam_weights=str(fastsam_weights), imgsz=FIXTURE_IMGSZ, conf=FIXTURE_CONF, iou=0.7,
+               allow_download=False, redis_url=own_redis.url, cache_prefix="learn-test:", load_on_start=False,
+               open_clip_model=str(MODELS / "clip-shapes.json"), open_clip_pretrained=str(MODELS / "clip-shapes.pt"),
+               learn_min_examples=1, torch_threads=1)
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(env)], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    child = [json.loads(line) for line in out if line.startswith("{")]
+    assert child[-1]["learned"] and child[-1]["revision"] == 2
+    service = build_service(_settings(make_settings, redis_url=own_redis.url, cache_prefix="learn-test:",
+                                      learn_min_examples=1))
+    model = service.learner.model_for("41")
+    assert model is not None and {lab: model.count(lab) for lab in model.labels} == child[-1]["examples_per_label"]
+    options = service.options_for("41")
+    assert service.version_for(options, model).endswith("+" + model.version_tag)
+    from fastsam_backend.protocol import SetupRequest
+
+    # /setup gives LS the version the project's predictions carry (else LS would re-predict every task)
+    assert service.setup(SetupRequest("41.1700000000")) == service.version_for(service.options_for("41"), model)
+    from fastsam_backend.quality.labels_learned import example_events
+
+    first = example_events("41", 1)[0]["annotation"]["id"]
+    body = {"action": "ANNOTATIONS_DELETED", "project": {"id": 41}, "annotations": [{"id": first}]}
+    answer = service.fit(body["action"], body)
+    assert answer["deleted"] == 1 and answer["revision"] == 3
+    assert sum(service.learner.model_for("41").counts) < sum(model.counts)
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_webhook_route_learns_from_real_payloads(make_settings):
+    """LS's own ANNOTATION_CREATED payload through /webhook; its image is a data URI here (the real
+    one points at the LS that sent it)."""
+    from fastsam_backend.quality import lsrequests
+    from fastsam_backend.quality.scenes import generate_scene
+    from fastsam_backend.server import create_app
+
+    body = json.loads((WEBHOOKS / "ls-1.23.2-webhook-learn-ANNOTATION_CREATED.json").read_text())
+    seed = int(Path(body["task"]["data"]["image"]).stem.rsplit("-", 1)[-1])
+    body["task"]["data"]["image"] = lsrequests.data_uri(generate_scene(seed).image)
+    client = create_app(_settings(make_settings)).test_client()
+    r = client.post("/webhook", json=body)
+    assert r.status_code == 201, r.json
+    result = r.json["result"]
+    assert result["learned"] and result["examples"] == len(body["annotation"]["result"])
+    assert result["matched"] >= 1  # matched to cached instances, not only own crops
+    r = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": body["project"],
+                                      "annotations": [{"id": body["annotation"]["id"]}]})
+    assert r.status_code == 201 and r.json["result"]["deleted"] == 1 and not r.json["result"]["examples_per_label"]
+    r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {}})
+    assert r.status_code == 400 and "annotation.id" in r.json["error"]
+
+
+BAR_SCENES = 15
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_learned_labels_against_zero_shot(make_settings):
+    """The issue's bar: at 3 examples per label top-1 ≥ 0.85 and ≥ zero-shot + 0.2. Not met with the
+    fixture CLIP (its crop embeddings encode colour, not shape: README), hence the strict xfail below;
+    this test holds what is met: learned labels at 10 examples beat zero-shot."""
+    from fastsam_backend.quality.labels_learned import examples_table
+    from fastsam_backend.service import build_service
+
+    service = build_service(_settings(make_settings, learn_min_examples=1))
+    rows = {r.examples_per_label: r for r in examples_table(service, (0, 3, 10), scenes=BAR_SCENES)}
+    print({k: round(r.top1, 3) for k, r in rows.items()})
+    assert rows[10].top1 > rows[0].top1
+    assert rows[3].top1 >= rows[0].top1 - 0.05
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture CLIP (README: 0.62 at 3)")
+def test_issue_bar_three_examples_per_label(make_settings):
+    from fastsam_backend.quality.labels_learned import examples_table
+    from fastsam_backend.service import build_service
+
+    service = build_service(_settings(make_settings, learn_min_examples=1))
+    zero, three = examples_table(service, (0, 3), scenes=BAR_SCENES)
+    assert three.top1 >= 0.85 and three.top1 >= zero.top1 + 0.2
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_a_click_without_a_label_gets_the_learned_label_of_its_mask(make_settings):
+    """Interactive answers: a keypoint carrying no label is answered with its mask's learned label
+    (without examples: the tag's first label, as before)."""
+    from fastsam_backend.protocol import SetupRequest, predict_request
+    from fastsam_backend.quality import lsrequests
+    from fastsam_backend.quality.evaluation import click_points
+    from fastsam_backend.quality.labels_learned import LABEL_CONFIG, example_events
+    from fastsam_backend.quality.scenes import SHAPES, generate_scene
+    from fastsam_backend.service import build_service
+
+    config = LABEL_CONFIG.replace("</View>", '<KeyPointLabels name="kp" toName="image" smart="true">'
+                                  '<Label value="circle"/></KeyPointLabels></View>')
+    service = build_service(_settings(make_settings, learn_min_examples=3))
+    for project in ("taught", "untaught"):
+        service.setup(SetupRequest(project, config))
+    for body in example_events("taught", 3):
+        service.fit(body["action"], body)
+    body = example_events("taught", 3)[0]
+    scene = generate_scene(int(body["annotation"]["id"]))
+    task = {"id": 1, "data": {"image": lsrequests.data_uri(scene.image)}}
+    h, w = scene.image.shape[:2]
+    model = service.learner.model_for("taught")
+    labels = {}
+    for obj in scene.objects:
+        x, y = click_points(obj.mask, np.random.default_rng(0), 0)[0]
+        click = lsrequests.keypoint(x, y, w, h, positive=True, label="circle", from_name="kp")
+        del click["value"]["keypointlabels"]
+        for project in ("taught", "untaught"):
+            (pred,) = service.predict(predict_request([task], {"result": [click]}, config, project))
+            labels[project, obj.shape] = pred["result"][0]["value"]["brushlabels"][0] if pred["result"] else None
+        found = service.masks_for(task["data"]["image"])
+        from fastsam_backend.selection import select_by_points
+
+        options = service.options_for("taught")
+        sel = select_by_points(found.masks, np.array([[x, y]]), np.array([True]), rule=options.point_rule,
+                               morphology=options.morphology)
+        if sel is not None:
+            want = service.learner.label_of_selection(found, sel.indices, SHAPES, model)
+            assert labels["taught", obj.shape] == want
+    assert {v for (p, _), v in labels.items() if p == "untaught"} <= {"circle", None}
+    assert {v for (p, _), v in labels.items() if p == "taught"} - {"circle", None}, labels
+
+
+def test_a_store_that_fails_is_a_503(make_settings, own_redis):
+    from fastsam_backend.server import create_app
+
+    settings = make_settings(redis_url=own_redis.url, cache_prefix="learn-503:", clip_enabled=True,
+                             open_clip_model=str(MODELS / "clip-shapes.json"),
+                             open_clip_pretrained=str(MODELS / "clip-shapes.pt"))
+    client = create_app(settings).test_client()
+    own_redis.kill()
+    r = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": 5},
+                                      "annotations": [{"id": 1}]})
+    assert r.status_code == 503 and "Redis failed" in r.json["error"], r.json
