@@ -24,7 +24,7 @@ from .common import Context
 from .load import FIXTURE
 from .servers import backend, peak_rss_mb, static_server, wait_loaded
 
-SIZES = {"smoke": (4, (750, 1000)), "quick": (16, (3000, 4000)), "full": (16, (3000, 4000))}  # images, (H, W)
+SIZES = {"quick": (16, (3000, 4000)), "full": (16, (3000, 4000))}  # images, (H, W)
 SLOTS = (2, 16)
 
 
@@ -77,6 +77,8 @@ def _burst(ctx: Context, urls: list[str], size: tuple[int, int], slots: int, ls_
 
 
 def run(ctx: Context) -> dict[str, Any]:
+    if ctx.mode.name not in SIZES:
+        return {"skipped": "smoke mode: two servers and 12 MP images take a minute; quick mode measures it"}
     count, size = SIZES[ctx.mode.name]
     root = ctx.workdir / "burst"
     urls = _images(root, count, size)
@@ -87,6 +89,6 @@ def run(ctx: Context) -> dict[str, Any]:
             "headline": {"name": f"peak worker RSS, {count} cold {size[1]}x{size[0]} images at once",
                          "value": bounded["peak_rss_mb"], "unit": "MiB",
                          "target": f"< MAX_COLD_IMAGES={SLOTS[1]}'s",
-                         "met": None if ctx.mode.name == "smoke" else bounded["peak_rss_mb"] < unbounded["peak_rss_mb"],
+                         "met": bounded["peak_rss_mb"] < unbounded["peak_rss_mb"],
                          "absolute": f"MAX_COLD_IMAGES={SLOTS[0]}: {bounded['peak_rss_mb']} MiB, "
                                      f"{SLOTS[1]}: {unbounded['peak_rss_mb']} MiB"}}
