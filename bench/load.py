@@ -30,7 +30,7 @@ from fastsam_backend.quality.scenes import generate_scene
 
 from .common import REDIS_URL, Context, stats_ms
 from .lsbody import brush, brush_masks, predict_body, prompts
-from .servers import REPO, Backend, backend, redis_prefix, static_server, wait_loaded
+from .servers import REPO, Backend, backend, redis_prefix, static_server, status_mb, wait_loaded
 
 FIXTURE = REPO / "tests" / "fixtures" / "models" / "fastsam-shapes.pt"
 REQUESTS = {"smoke": 200, "quick": 2000, "full": 20000}
@@ -86,19 +86,8 @@ def drive(base: str, payloads: list[bytes], concurrency: int, timeout_s: float =
             "wall_s": round(wall, 2), "requests_per_s": round(len(payloads) / wall, 1), **stats_ms(latencies)}
 
 
-def rss_mb(pid: int) -> float | None:
-    """``VmRSS`` of ``pid`` in MiB (None: gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def workers_rss(server: Backend) -> dict[int, float | None]:
-    return {pid: rss_mb(pid) for pid in server.worker_pids()}
+    return {pid: status_mb(pid, "VmRSS") for pid in server.worker_pids()}
 
 
 def measure(workdir: Path, count: int, concurrency: int = 8, redis_url: str = REDIS_URL, workers: int = 1,

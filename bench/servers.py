@@ -163,9 +163,14 @@ def backend(env_overrides: dict[str, str], logdir: Path) -> Iterator[Backend]:
 
 def peak_rss_mb(pid: int) -> float | None:
     """``VmHWM`` (peak resident set) of ``pid`` in MiB, from /proc."""
+    return status_mb(pid, "VmHWM")
+
+
+def status_mb(pid: int, field: str) -> float | None:
+    """A kB field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in MiB; None when ``pid`` is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except (OSError, ValueError, IndexError):
         pass
