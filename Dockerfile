@@ -8,6 +8,10 @@ FROM ${BASE}
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PORT=9090 WORKERS=1 THREADS=4 MODEL_DIR=/models FASTSAM_WEIGHTS=FastSAM-s.pt \
     YOLO_CONFIG_DIR=/tmp/ultralytics YOLO_AUTOINSTALL=false
+# Non-root on a read-only root filesystem (compose: read_only + a tmpfs on /tmp): everything the
+# server writes goes under /tmp (caches, ultralytics' settings, gunicorn's heartbeat files, the
+# Prometheus multiprocess dir); tests/test_nonroot.py runs the CMD below that way.
+ENV HOME=/tmp/home XDG_CACHE_HOME=/tmp/cache MPLCONFIGDIR=/tmp/matplotlib TMPDIR=/tmp
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libglib2.0-0 libgl1 curl \
@@ -28,8 +32,11 @@ ARG WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/F
 RUN mkdir -p /models && if [ "$FETCH_WEIGHTS" = "1" ]; then \
       curl -fL --retry 3 -o /models/FastSAM-s.pt "$WEIGHTS_URL"; fi
 
-RUN useradd --create-home --uid 10001 app && mkdir -p /tmp/ultralytics && chown -R app /models /tmp/ultralytics
-USER app
+# /models stays writable for a download when the weights were not fetched at build time
+# (FETCH_WEIGHTS=0, FASTSAM_ALLOW_DOWNLOAD=true, no read_only); the code is root's, read-only.
+RUN useradd --no-create-home --home-dir /tmp/home --shell /usr/sbin/nologin --uid 10001 --user-group app \
+ && chown -R 10001:10001 /models
+USER 10001:10001
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=3s --start-period=10s \
   CMD curl -fsS "http://127.0.0.1:${PORT}/health" || exit 1

@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-env lint bench quality clean
+.PHONY: run test test-fast test-env lint bench quality audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ quality: $(STAMP)
 	OPEN_CLIP_MODEL=$${OPEN_CLIP_MODEL:-tests/fixtures/models/clip-shapes.json} \
 	OPEN_CLIP_PRETRAINED=$${OPEN_CLIP_PRETRAINED:-tests/fixtures/models/clip-shapes.pt} \
 	$(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
+
+# pip-audit of the pinned requirements.txt; skipped (saying why) where no vulnerability service answers
+audit: $(STAMP)
+	$(VENV)/bin/python scripts/audit_requirements.py
 
 clean:
 	rm -rf $(VENV) .venv-ls .pytest_cache .ruff_cache

@@ -16,7 +16,7 @@ from typing import Any
 from .common import MODES, Context, machine
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
-SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx", "queue",
+SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx", "queue", "load", "burst",
             "mobilesam", "int8", "clicks")  # issue #16: MobileSAM peer, int8 path, clicks under concurrency
 
 

@@ -145,6 +145,22 @@ def stop_backend(backend: Backend) -> None:
         backend.proc.wait(timeout=10)
 
 
+def wait_loaded(backend: Backend, timeout_s: float = 120, streak: int = 4) -> dict:
+    """/health once the background model load is over: ``streak`` answers in a row not
+    ``loading`` (with several workers each answer comes from any of them)."""
+    import requests
+
+    deadline, seen, health = time.monotonic() + timeout_s, 0, {}
+    while seen < streak:
+        health = requests.get(f"{backend.base}/health", timeout=10).json()
+        seen = seen + 1 if health.get("state") != "loading" else 0
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the models were still loading after {timeout_s:.0f} s: {backend.log_tail()}")
+        if seen < streak:
+            time.sleep(0.1)
+    return health
+
+
 @contextlib.contextmanager
 def backend(env_overrides: dict[str, str], logdir: Path, repo: Path = REPO) -> Iterator[Backend]:
     running = start_backend(env_overrides, logdir, repo=repo)
@@ -156,9 +172,14 @@ def backend(env_overrides: dict[str, str], logdir: Path, repo: Path = REPO) -> I
 
 def peak_rss_mb(pid: int) -> float | None:
     """``VmHWM`` (peak resident set) of ``pid`` in MiB, from /proc."""
+    return status_mb(pid, "VmHWM")
+
+
+def status_mb(pid: int, field: str) -> float | None:
+    """A kB field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``) in MiB; None when ``pid`` is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except (OSError, ValueError, IndexError):
         pass

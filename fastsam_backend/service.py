@@ -229,8 +229,7 @@ class FastSAMService:
             if (masks := self.store.peek_masks(key)) is not None:
                 metrics.CACHE_LOOKUPS.labels(result="hit").inc()
                 return ImageMasks(image_url, key, masks, deadline=deadline)
-        if not self.segmenter.loaded and not self.segmenter.weights_available():
-            raise ModelUnavailable(self.segmenter_missing_message())  # before downloading anything
+        self._require_segmenter()  # before downloading anything
         left = deadline.left()
         if not self._cold.acquire(timeout=left if left is not None else -1):
             raise DeadlineExceeded(f"the request's deadline (PREDICT_DEADLINE_S={deadline.seconds:g} s) was spent "
@@ -240,6 +239,18 @@ class FastSAMService:
             return self._segment_cold(image_url, deadline, model_id, params)
         finally:
             self._cold.release()
+
+    def _require_segmenter(self) -> None:
+        """A 503 now, before any image is fetched, when FastSAM is not loaded and cannot be: its
+        weights are missing, or its last load failed (a corrupt checkpoint; ``load`` retries it at
+        most every ``RETRY_AFTER_S`` and raises the remembered reason in between)."""
+        seg = self.segmenter
+        if seg.loaded:
+            return
+        if not seg.weights_available():
+            raise ModelUnavailable(self.segmenter_missing_message())
+        if seg.error is not None:
+            seg.load()
 
     def _segment_cold(self, image_url: str, deadline: Deadline, model_id: str, params: dict) -> ImageMasks:
         image = self.images.load(image_url)
