@@ -30,15 +30,14 @@ from .learning import LearnConfig, Learner
 from .lscheck import REFUSED_TOKEN_REASON, CredentialChecker
 from .masks import MaskSet
 from .options import ProjectOptions
+from .prelabel import pre_annotate
 from .prompts import Prompts, parse_context
 from .protocol import PredictRequest, SetupRequest, Task
 from .readiness import Models
-from .regions import regions_for
 from .segmenter import Segmenter, SegmenterConfig
 from .selection import (
     Selection,
     names_several,
-    preannotation_order,
     select_by_box,
     select_by_points,
     select_by_text_prompt,
@@ -46,7 +45,7 @@ from .selection import (
 )
 from .settings import InteractiveOutput, LabelMode, Settings
 from .store import ImageKey, MaskStore
-from .zero_shot import LabelChoice, LabelPhrases, choose_labels, label_named_in
+from .zero_shot import label_named_in
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +208,7 @@ class FastSAMService:
         if prompts is not None:
             result = self._answer_prompts(found, prompts, config, options, task.id, learned)
         else:
-            result = self._pre_annotate(found, config, options, learned)
+            result = pre_annotate(self, found, config, options, learned)
         scores = [r["score"] for r in result if "score" in r]
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
                 "model_version": self.version_for(options, learned)}
@@ -350,48 +349,6 @@ class FastSAMService:
         h, w = masks.image_size
         candidates = text_candidates(masks, [box.in_pixels(w, h) for box in prompts.boxes], points, positive)
         return select_by_text_prompt(masks, sims, candidates, several=names_several(text), margin=options.text_margin)
-
-    def _pre_annotate(self, found: ImageMasks, config: LabelConfig, options: ProjectOptions,
-                      learned: LabelModel | None = None) -> list[dict]:
-        """Prompt-less pre-annotation: every instance worth keeping, labelled, highest score first."""
-        masks = found.masks
-        order = preannotation_order(masks, min_area=options.preannotate_min_area,
-                                    min_score=options.preannotate_min_score,
-                                    max_instances=options.preannotate_max_instances)
-        targets = config.pre_annotation_targets()
-        choices = {tag.from_name: self._instance_labels(found, order, tag, options, learned) for tag in targets}
-        result: list[dict[str, Any]] = []
-        for rank, i in enumerate(order):
-            mask = masks.mask(i)
-            for tag in targets:
-                choice = choices[tag.from_name]
-                if choice.keep[rank]:
-                    result.extend(regions_for(tag, mask, choice.labels[rank], float(masks.scores[i]),
-                                              masks.union_box([i]), options.polygon_style))
-        return result
-
-    def _instance_labels(self, found: ImageMasks, order: list[int], tag: OutputTag,
-                         options: ProjectOptions, learned: LabelModel | None = None) -> LabelChoice:
-        """Per kept instance its label, by the project's label mode. Without CLIP, zero-shot labels
-        are never guessed: a tag with one label gets it, else ``DEFAULT_LABEL``, else an error."""
-        first = tag.labels[0] if tag.labels else None
-        mode = options.label_mode
-        if mode is LabelMode.NONE:
-            return LabelChoice.uniform(None, len(order))
-        if mode is LabelMode.FIRST or len(tag.labels) <= 1 or not order:
-            return LabelChoice.uniform(first, len(order))
-        if (why := self.models.zero_shot_unavailable()) is not None:
-            if options.default_label:
-                return LabelChoice.uniform(options.default_label, len(order))
-            raise ModelUnavailable(
-                f"zero-shot labels for <{tag.kind} name=\"{tag.from_name}\"> need CLIP, which is unavailable "
-                f"({why}); make CLIP available, or set DEFAULT_LABEL (or the project's extra_params "
-                f"default_label) to label every instance with it")
-        if learned is not None and learned.learned(tag.labels):  # per label: learned, else zero-shot
-            return self.learner.choose(found, order, tag, options, learned)
-        phrases = LabelPhrases.of(tag)
-        return choose_labels(self.crop_embeddings(found)[order], self.phrase_embeddings(phrases.phrases), phrases,
-                             min_similarity=options.label_min_similarity, default_label=options.default_label)
 
 
 def _task_name(task: Task, index: int) -> str:
