@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fastsam_backend.boxmatch import box_box_ious
 from fastsam_backend.masks import crop_iou
 
 from .cold import ultralytics_speed
@@ -63,21 +64,13 @@ def _openvino(ctx: Context, built, image, torch_masks, torch_p50_ms: float) -> d
             "speedup_vs_torch": ratio(torch_p50_ms, stats_ms(times)["p50_ms"]), "agreement": agree}
 
 
-def _box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = ix * iy
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1)
-
-
 def agreement(ref, other) -> dict[str, Any]:
     """Per reference instance: best box match in ``other`` and the pixel IoU of the two masks."""
     ious = []
     for i in range(len(ref)):
         if not len(other):
             break
-        j = int(np.argmax(_box_ious(ref.boxes[i].astype(np.int64), other.boxes.astype(np.int64))))
+        j = int(np.argmax(box_box_ious(other, tuple(int(v) for v in ref.boxes[i]))))
         ious.append(crop_iou(ref.boxes[i], ref.crops[i], other.boxes[j], other.crops[j]))
     arr = np.asarray(ious)
     return {"torch_instances": len(ref), "onnx_instances": len(other), "matched": int(arr.size),

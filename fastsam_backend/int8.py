@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .boxmatch import box_box_ious
 from .masks import MaskSet, crop_iou
 
 MATCH_BOX_IOU = 0.5  # an int8 instance is "the same" fp32 instance when their boxes overlap this much
@@ -69,23 +70,14 @@ def quantize(onnx_path: Path, out: Path, images: Iterable[np.ndarray], imgsz: in
     return out
 
 
-def _box_ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = ix * iy
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / np.maximum(area(box) + area(boxes) - inter, 1)
-
-
 def match(reference: MaskSet, candidate: MaskSet) -> tuple[list[float], int]:
     """``(mask IoUs of the matched reference instances, number of reference instances unmatched)``."""
     ious, lost = [], 0
-    boxes = candidate.boxes.astype(np.int64)
     for i in range(len(reference)):
         if not len(candidate):
             lost += 1
             continue
-        overlap = _box_ious(reference.boxes[i].astype(np.int64), boxes)
+        overlap = box_box_ious(candidate, tuple(int(v) for v in reference.boxes[i]))
         j = int(np.argmax(overlap))
         if overlap[j] < MATCH_BOX_IOU:
             lost += 1
