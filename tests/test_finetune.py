@@ -106,3 +106,82 @@ def test_one_epoch_writes_a_checkpoint_the_segmenter_loads_and_segments_with(tmp
     found = segmenter.segment(tiny_scenes[0].image)
     assert found.image_size == tiny_scenes[0].image.shape[:2]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
+
+def test_the_train_kind_has_its_own_queue_and_is_not_taken_by_default_workers():
+    from fastsam_backend.cli_jobs import KINDS
+    from fastsam_backend.jobs import JobKind, QueueConfig
+
+    assert QueueConfig("redis://unused", prefix="p-").queue_name(JobKind.TRAIN) == "p-train"
+    assert "train" not in KINDS  # a worker trains only when started with `-q train`
+
+
+def test_a_train_job_is_refused_while_fine_tuning_is_off(make_settings):
+    from fastsam_backend import jobs
+    from fastsam_backend.finetune_job import train_project
+    from fastsam_backend.service import build_service
+
+    jobs.install_service(build_service(make_settings(clip_enabled=False)))
+    try:
+        with pytest.raises(jobs.JobRefused, match="FINETUNE_ENABLED"):
+            train_project(1)
+    finally:
+        jobs._PROCESS.clear()
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_the_train_job_gathers_ls_masks_trains_decides_and_records_json_in_redis(
+        own_redis, make_settings, tmp_path, tiny_scenes, fastsam_weights):
+    from fastsam_backend import jobs
+    from fastsam_backend.finetune_job import FineTuneRecord, enqueue_train, records_for, train_project
+    from fastsam_backend.jobs import JobQueues, QueueConfig
+    from fastsam_backend.quality.fakels import FakeLabelStudio, serve
+    from fastsam_backend.quality.lsrequests import brush
+    from fastsam_backend.service import build_service
+    from tests.helpers import LABEL_CONFIG, png_bytes
+
+    token = "f" * 40
+    (tmp_path / "data" / "upload" / "1").mkdir(parents=True)
+    fake = FakeLabelStudio(tmp_path, token=token)
+    fake.add_project(1, LABEL_CONFIG)
+    for i, sample in enumerate(tiny_scenes):
+        (tmp_path / "data" / "upload" / "1" / f"s{i}.png").write_bytes(png_bytes(sample.image))
+        h, w = sample.image.shape[:2]
+        result = [{**brush(m, k), "original_width": w, "original_height": h} for k, m in enumerate(sample.masks)]
+        fake.add_task(1, {"image": f"/data/upload/1/s{i}.png"}, annotations=[result])
+    fake.add_task(1, {"image": "/data/upload/1/s0.png"})  # not annotated: not gathered
+    server, ls_url = serve(fake)
+    models = tmp_path / "models"
+    settings = make_settings(clip_enabled=False, redis_url=own_redis.url, label_studio_url=ls_url,
+                             label_studio_api_key=token, model_dir=models, fastsam_weights=str(fastsam_weights),
+                             finetune_enabled=True, finetune_epochs=1, finetune_imgsz=160, finetune_min_heldout=5,
+                             imgsz=160, batch_time_budget_s=0)
+    jobs.install_service(build_service(settings))
+    try:
+        result = train_project(1)
+    finally:
+        jobs._PROCESS.clear()
+        server.shutdown()
+    record = FineTuneRecord.from_dict(json.loads(json.dumps(result)))
+    assert record.train_tasks + record.heldout_tasks == len(tiny_scenes)
+    assert record.heldout_tasks >= 1 and record.train_tasks >= 1
+    d = record.decision
+    assert d.base.n_masks == d.tuned.n_masks == d.n_heldout >= 1 and d.min_heldout == 5 and d.margin == 0.02
+    assert len(record.base_sha256) == len(record.tuned_sha256) == 64 and record.base_sha256 != record.tuned_sha256
+    # recorded as JSON under the project, and in the log /health reads
+    stored = records_for(settings).get("1")
+    assert stored == record and records_for(settings).recent(5)[0] == record
+    raw = own_redis.raw().get(f"{settings.cache_prefix}finetune:v1:1")
+    assert json.loads(raw)["decision"]["adopt"] is d.adopt
+    kept = list((models / "finetuned" / "1").glob("*.pt"))
+    if d.adopt:
+        assert record.checkpoint and kept == [Path(record.checkpoint)] and record.tag == f"ft{record.tuned_sha256[:12]}"
+    else:
+        assert record.checkpoint is None and kept == [] and record.tag is None
+    # enqueueing puts one job per project on <prefix>train
+    config = QueueConfig(own_redis.url, prefix="ftest-")
+    queues = JobQueues(config)
+    assert enqueue_train(queues, 1) == ("ftest-train-1", True)
+    assert enqueue_train(queues, 1) == ("ftest-train-1", False)
+    assert queues.queues[jobs.JobKind.TRAIN].job_ids == ["ftest-train-1"]
