@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     finetune_device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', '0'")
     finetune_margin: float = Field(0.02, ge=0, le=1, description="adopt only if better by this on both figures")
     finetune_min_heldout: int = Field(20, ge=1, description="held-out ground-truth masks needed to decide")
+    finetune_max_loaded: int = Field(2, ge=1, le=64, description="tuned models kept loaded per process (LRU)")
 
     # --- cache -------------------------------------------------------------
     redis_url: str | None = None

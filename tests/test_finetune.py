@@ -185,3 +185,54 @@ def test_the_train_job_gathers_ls_masks_trains_decides_and_records_json_in_redis
     assert enqueue_train(queues, 1) == ("ftest-train-1", True)
     assert enqueue_train(queues, 1) == ("ftest-train-1", False)
     assert queues.queues[jobs.JobKind.TRAIN].job_ids == ["ftest-train-1"]
+
+
+@pytest.mark.model
+def test_a_project_with_an_adopted_checkpoint_gets_its_own_segmenter_version_and_cache_keys(
+        make_settings, stage2_checkpoint, tmp_path):
+    import shutil
+
+    from fastsam_backend.finetune_job import FineTuneRecord, Records
+    from fastsam_backend.quality.lsrequests import data_uri
+    from fastsam_backend.quality.scenes import generate_scene
+    from fastsam_backend.server import create_app
+    from fastsam_backend.service import build_service
+
+    Records._memory.clear()
+    tuned_path = tmp_path / "finetuned-abc.pt"
+    shutil.copyfile(stage2_checkpoint, tuned_path)  # a real, different checkpoint stands in for a tuned one
+    figures = Figures(0.9, 0.8, 30, 4)
+    decision = Decision(True, "better on both", figures, figures, 30, 0.02, 20)
+    record = FineTuneRecord("7", decision, "a" * 64, "b" * 64, str(tuned_path), 10, 4, 1.0, 0.0)
+    settings = make_settings(clip_enabled=False, finetune_enabled=True, finetune_max_loaded=1,
+                             default_label="Banana")
+    service = build_service(settings)
+    try:
+        Records(None, settings.cache_prefix).put(record)
+        Records(None, settings.cache_prefix).put(FineTuneRecord("8", decide(figures, figures, 30), "a" * 64,
+                                                                "c" * 64, None, 10, 4, 1.0, 0.0))
+        task = {"id": 1, "data": {"image": data_uri(generate_scene(1_000_123).image)}}
+
+        def predict(project):
+            return service.predict(_predict_request([task], project))[0]
+
+        tuned, rejected, plain = predict("7.1"), predict("8.1"), predict(None)
+        assert tuned["model_version"] == plain["model_version"] + "+ftbbbbbbbbbbbb"
+        assert rejected["model_version"] == plain["model_version"]  # a rejected run changes nothing
+        keys = {service.masks_for(task["data"]["image"]).key.model_id,
+                service.masks_for(task["data"]["image"], None, service.tuned.for_project("7").segmenter).key.model_id}
+        assert len(keys) == 2  # the tuned checkpoint's masks are cached under its own identity
+        assert service.tuned.loaded_paths() == [str(tuned_path)]
+        health = create_app(settings, service).test_client().get("/health").get_json()
+        assert health["finetune"]["loaded"] == [str(tuned_path)]
+        assert {d["project"]: d["decision"]["adopt"] for d in health["finetune"]["decisions"]} == {"7": True,
+                                                                                                    "8": False}
+    finally:
+        Records._memory.clear()
+
+
+def _predict_request(tasks, project):
+    from fastsam_backend.protocol import predict_request
+    from tests.helpers import LABEL_CONFIG
+
+    return predict_request(tasks, None, LABEL_CONFIG, project)
