@@ -236,3 +236,12 @@ def _predict_request(tasks, project):
     from tests.helpers import LABEL_CONFIG
 
     return predict_request(tasks, None, LABEL_CONFIG, project)
+
+
+def test_new_shapes_are_drawn_only_when_asked_for():
+    from fastsam_backend.quality.scenes import NEW_SHAPES, SHAPES, generate_scene
+
+    assert not set(NEW_SHAPES) & set(SHAPES)
+    scene = generate_scene(7_000_000, 256, ("crescent",))
+    assert scene.objects and {o.shape for o in scene.objects} == {"crescent"}
+    assert all(o.shape in SHAPES for i in range(20) for o in generate_scene(i, 256).objects)
