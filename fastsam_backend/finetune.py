@@ -141,10 +141,12 @@ def split(samples: Sequence[Any], keys: Sequence[str], heldout_fraction: float =
 
 
 def train(base_checkpoint: Path | str, samples: Sequence[Sample], out_dir: Path | str, *, epochs: int = 3,
-          imgsz: int = 640, device: str = "cpu", batch: int = 8, hours: float = 0.0,
+          imgsz: int = 640, device: str = "cpu", batch: int = 8, hours: float = 0.0, lr0: float = 0.0005,
           val_samples: Sequence[Sample] | None = None) -> Path:
     """Fine-tune ``base_checkpoint`` on ``samples`` (one class, "object"); returns the stripped
-    checkpoint ``out_dir/finetuned-<digest12>.pt``. The budget is ``epochs`` (and ``hours`` when > 0)."""
+    checkpoint ``out_dir/finetuned-<digest12>.pt``. The budget is ``epochs`` (and ``hours`` when > 0);
+    AdamW at a small ``lr0`` (a fine-tune, not a re-training: ultralytics' auto optimizer's larger
+    rates undo what the checkpoint knew, measured in the README)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from .quality.yolo_dataset import offline_ultralytics, set_names, write_samples
 
@@ -159,6 +161,7 @@ def train(base_checkpoint: Path | str, samples: Sequence[Sample], out_dir: Path 
     model = YOLO(str(base_checkpoint), task="segment")
     model.train(data=str(data), epochs=epochs, time=hours or None, imgsz=imgsz, batch=batch, nbs=batch,
                 device=device, workers=0, seed=0, deterministic=True, pretrained=True, amp=False, plots=False,
+                optimizer="AdamW", lr0=lr0,
                 warmup_epochs=0, close_mosaic=0, patience=1000, project=str(out_dir / "runs"), name="ft",
                 exist_ok=True, verbose=False, val=True)
     weights = out_dir / "runs" / "ft" / "weights"
