@@ -182,8 +182,9 @@ def _child_exit(server, worker) -> None:
 from .cli_int8 import compare_int8  # noqa: E402
 from .cli_jobs import preannotate, warm, worker  # noqa: E402 - they use configure_logging above
 from .cli_learn import quality_labels  # noqa: E402
+from .cli_train import train  # noqa: E402
 
-for _command in (worker, warm, preannotate, compare_int8, quality_labels):
+for _command in (worker, warm, preannotate, compare_int8, quality_labels, train):
     main.add_command(_command)
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def _client(settings: Settings, project: int):
 
 
 @click.command()
-@click.option("--queues", "-q", "kinds", multiple=True, type=click.Choice(KINDS),
-              help="queues to take jobs from, in priority order [default: warm, then preannotate]")
+@click.option("--queues", "-q", "kinds", multiple=True, type=click.Choice((*KINDS, "train")),
+              help="queues to take jobs from, in priority order [default: warm, then preannotate; "
+                   "train (fine-tuning) only when named]")
 @click.option("--processes", "-n", type=click.IntRange(1, 64), default=1, show_default=True,
               help="worker processes on this machine, each loading the models once")
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")

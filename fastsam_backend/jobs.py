@@ -49,6 +49,7 @@ FAILED = frozenset({"failed", "stopped", "canceled"})
 class JobKind(str, Enum):
     WARM = "warm"
     PREANNOTATE = "preannotate"
+    TRAIN = "train"  # fine-tune FastSAM on a project's masks (finetune_job.py)
 
 
 class JobRefused(BadRequest):
@@ -166,7 +167,8 @@ class JobQueues:
         self.queues = {kind: Queue(config.queue_name(kind), connection=self.connection, serializer=JSONSerializer,
                                    default_timeout=config.timeout_s) for kind in JobKind}
 
-    def enqueue(self, kind: JobKind, func: str, args: list[Any], job_id: str, description: str) -> bool:
+    def enqueue(self, kind: JobKind, func: str, args: list[Any], job_id: str, description: str,
+                timeout_s: int | None = None) -> bool:
         """True: a new job; False: a job of this id is queued, scheduled or running already."""
         from rq import Retry
         from rq.exceptions import DuplicateJobError
@@ -177,7 +179,7 @@ class JobQueues:
         for _ in range(3):  # bounded: each pass either enqueues, finds an active job, or removes a dead one
             try:
                 self.queues[kind].enqueue(func, *args, job_id=job_id, unique=True, retry=retry,
-                                          job_timeout=cfg.timeout_s, result_ttl=cfg.result_ttl_s,
+                                          job_timeout=timeout_s or cfg.timeout_s, result_ttl=cfg.result_ttl_s,
                                           failure_ttl=cfg.failure_ttl_s, description=description)
                 return True
             except DuplicateJobError:

@@ -30,6 +30,7 @@ class LsTask:
     id: int
     data: dict[str, Any]
     model_versions: frozenset[str]
+    annotations: tuple[list[Any], ...] = ()  # each accepted (not cancelled) annotation's result list
 
 
 def transient(exc: BaseException) -> bool:
@@ -79,8 +80,10 @@ def _task(raw: Any) -> LsTask:
     versions = {_as_dict(p).get("model_version") for p in item.get("predictions") or [] if p is not None}
     column = item.get("predictions_model_versions")
     versions.update(column.split(",") if isinstance(column, str) else column or [])
+    accepted = tuple(list(a.get("result") or []) for a in map(_as_dict, item.get("annotations") or [])
+                     if not a.get("was_cancelled") and isinstance(a.get("result"), list))
     return LsTask(int(item["id"]), dict(item.get("data") or {}),
-                  frozenset(v.strip() for v in versions if isinstance(v, str) and v.strip()))
+                  frozenset(v.strip() for v in versions if isinstance(v, str) and v.strip()), accepted)
 
 
 class ProjectClient:

@@ -110,6 +110,8 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
         body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "ready": state["state"] != "error",
                                 "model_loaded": service.segmenter.loaded, "model_version": service.model_version,
                                 **state}
+        if service.settings.finetune_enabled:
+            body["finetune"] = service.tuned.health()  # last decisions (every project) and tuned models loaded here
         return jsonify(body)
 
     @app.post("/setup")

@@ -45,6 +45,7 @@ from .selection import (
 )
 from .settings import InteractiveOutput, LabelMode, Settings
 from .store import ImageKey, MaskStore
+from .tuned import Tuned, TunedModels
 from .zero_shot import label_named_in
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class FastSAMService:
         self.learner = Learner(self, examples or MemoryExamples(), LearnConfig(  # labels from annotations
             settings.learn_enabled, settings.learn_min_examples, settings.learn_match_iou,
             settings.learn_min_similarity))
+        self.tuned = TunedModels(settings)  # projects' adopted fine-tuned checkpoints (tuned.py)
 
     # ----------------------------------------------------------------- setup
     @property
@@ -89,7 +91,8 @@ class FastSAMService:
         """``model_version`` of a project without overrides (see ``version_for``)."""
         return self.version_for(self._defaults)
 
-    def version_for(self, options: ProjectOptions, learned: LabelModel | None = None) -> str:
+    def version_for(self, options: ProjectOptions, learned: LabelModel | None = None,
+                    tuned: Tuned | None = None) -> str:
         """What LS compares to skip tasks already predicted: the checkpoint identities, every setting
         and project override that changes outputs -- never whether a model happened to load (a
         component that cannot load fails the predictions needing it, under this same version)."""
@@ -106,7 +109,7 @@ class FastSAMService:
             version += f"-p{digest}"
         if learned is not None and (tag := learned.version_tag) is not None:
             version += f"+{tag}"  # the project's learned labels (changes with its annotations)
-        return version
+        return version + (f"+{tuned.tag}" if tuned is not None else "")  # its adopted fine-tuned checkpoint
 
     def setup(self, request: SetupRequest) -> str:
         """Remember LS's host/token as image-download fallback and the project's overrides; no model load.
@@ -125,7 +128,7 @@ class FastSAMService:
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:
                 self._projects[project] = options
-            return self.version_for(options, self.learner.model_for(project))  # what its predictions carry
+            return self.version_for(options, self.learner.model_for(project), self.tuned.for_project(project))
         return self.version_for(options)
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +163,7 @@ class FastSAMService:
         deadline = Deadline(self.settings.predict_deadline_s)
         options = self.options_for(request.project_id)
         learned = self.learner.model_for(project_id(request.project_id))
+        tuned = self.tuned.for_project(project_id(request.project_id))
         config = parse_label_config(request.label_config or options.label_config)
         interactive = request.context is not None
         prompts = parse_context(request.context)
@@ -167,7 +171,8 @@ class FastSAMService:
             answer_tags(config, options.interactive_output)  # a config with nowhere to put masks: 400 first
         if interactive or len(tasks) == 1:
             self.models.wait_until_loaded()
-            return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline, learned)
+            return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline, learned,
+                                       tuned)
                     for i, task in enumerate(tasks)]
 
         self.models.wait_until_loaded()  # the budget is for per-task work, not for a load after start-up
@@ -188,7 +193,7 @@ class FastSAMService:
                 break
             task_started = time.monotonic()
             try:
-                predictions.append(self._predict_task(task, i, config, None, options, deadline, learned))
+                predictions.append(self._predict_task(task, i, config, None, options, deadline, learned, tuned))
                 metrics.BATCH_TASKS.labels(outcome="predicted").inc()
             except BackendError as exc:  # the image, the task's data, a model a label needs
                 log.warning("batch of %d tasks: %s skipped: %s", len(tasks), _task_name(task, i), exc.message)
@@ -202,56 +207,59 @@ class FastSAMService:
         return predictions
 
     def _predict_task(self, task: Task, index: int, config: LabelConfig, prompts: Prompts | None,
-                      options: ProjectOptions, deadline: Deadline, learned: LabelModel | None = None) -> dict[str, Any]:
+                      options: ProjectOptions, deadline: Deadline, learned: LabelModel | None = None,
+                      tuned: Tuned | None = None) -> dict[str, Any]:
         """``prompts`` None: pre-annotation (no context); ``learned``: the project's learned labels."""
-        found = self.masks_for(task_image_url(task, config, index), deadline)
+        found = self.masks_for(task_image_url(task, config, index), deadline, tuned.segmenter if tuned else None)
         if prompts is not None:
             result = self._answer_prompts(found, prompts, config, options, task.id, learned)
         else:
             result = pre_annotate(self, found, config, options, learned)
         scores = [r["score"] for r in result if "score" in r]
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
-                "model_version": self.version_for(options, learned)}
+                "model_version": self.version_for(options, learned, tuned)}
 
-    def masks_for(self, image_url: str, deadline: Deadline | None = None) -> ImageMasks:
+    def masks_for(self, image_url: str, deadline: Deadline | None = None,
+                  segmenter: Segmenter | None = None) -> ImageMasks:
         """All-instance masks of the image at ``image_url``: from the cache, else segmented once.
 
         At most ``MAX_COLD_IMAGES`` images are fetched, decoded and segmented at once in this
         process (a burst of cold 12 MP images queues instead of exhausting memory); ``deadline``
         is checked while waiting for a slot and before the forward pass.
         """
-        deadline = deadline or Deadline(0)
-        model_id, params = self.segmenter.identity, self.settings.inference_params()
+        deadline, seg = deadline or Deadline(0), segmenter or self.segmenter  # a project's tuned one, or the base
+        model_id, params = seg.identity, self.settings.inference_params()
         remember = self.settings.remember_image_urls
         if remember and (digest := self.store.digest_for_url(image_url)) is not None:
             key = ImageKey(digest, model_id, params)
             if (masks := self.store.peek_masks(key)) is not None:
                 metrics.CACHE_LOOKUPS.labels(result="hit").inc()
                 return ImageMasks(image_url, key, masks, deadline=deadline)
-        self._require_segmenter()  # before downloading anything
+        self._require_segmenter(seg)  # before downloading anything
         left = deadline.left()
         if not self._cold.acquire(timeout=left if left is not None else -1):
             raise DeadlineExceeded(f"the request's deadline (PREDICT_DEADLINE_S={deadline.seconds:g} s) was spent "
                                    f"waiting for one of the MAX_COLD_IMAGES={self.settings.max_cold_images} "
                                    "slots (other cold images are being segmented)")
         try:
-            return self._segment_cold(image_url, deadline, model_id, params)
+            return self._segment_cold(image_url, deadline, model_id, params, seg)
         finally:
             self._cold.release()
 
-    def _require_segmenter(self) -> None:
+    @staticmethod
+    def _require_segmenter(seg: Segmenter) -> None:
         """A 503 now, before any image is fetched, when FastSAM is not loaded and cannot be: its
         weights are missing, or its last load failed (a corrupt checkpoint; ``load`` retries it at
         most every ``RETRY_AFTER_S`` and raises the remembered reason in between)."""
-        seg = self.segmenter
         if seg.loaded:
             return
         if not seg.weights_available():
-            raise ModelUnavailable(self.segmenter_missing_message())
+            raise ModelUnavailable(seg.missing_message())
         if seg.error is not None:
             seg.load()
 
-    def _segment_cold(self, image_url: str, deadline: Deadline, model_id: str, params: dict) -> ImageMasks:
+    def _segment_cold(self, image_url: str, deadline: Deadline, model_id: str, params: dict,
+                      segmenter: Segmenter) -> ImageMasks:
         image = self.images.load(image_url)
         if self.settings.remember_image_urls:
             self.store.remember_url(image_url, image.digest)
@@ -259,7 +267,7 @@ class FastSAMService:
 
         def compute() -> MaskSet:
             started = time.perf_counter()
-            masks = self.segmenter.segment(image.pixels)
+            masks = segmenter.segment(image.pixels)
             elapsed = time.perf_counter() - started
             metrics.SEGMENT_SECONDS.observe(elapsed)
             log.info("segmented %dx%d image: %d instances in %.0f ms",

@@ -115,6 +115,15 @@ class Settings(BaseSettings):
         "label only when its crop is at least this close (cosine) to that label's prototype"
     )
 
+    # --- FastSAM fine-tuning (fastsam_backend/finetune.py, finetune_job.py) --------
+    finetune_enabled: bool = Field(False, description="allow `train` jobs (each project still opts in)")
+    finetune_epochs: int = Field(3, ge=1, le=100, description="training epochs of one train job")
+    finetune_imgsz: int = Field(640, ge=32, le=4096, description="training image size")
+    finetune_device: str = Field("auto", description="'auto' (CUDA if present), 'cpu', '0'")
+    finetune_margin: float = Field(0.02, ge=0, le=1, description="adopt only if better by this on both figures")
+    finetune_min_heldout: int = Field(20, ge=1, description="held-out ground-truth masks needed to decide")
+    finetune_max_loaded: int = Field(2, ge=1, le=64, description="tuned models kept loaded per process (LRU)")
+
     # --- cache -------------------------------------------------------------
     redis_url: str | None = None
     cache_prefix: str = "fastsam:"

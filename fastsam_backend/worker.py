@@ -58,7 +58,7 @@ return 0
 
 
 def _kind_of(job: Any, config: QueueConfig) -> JobKind:
-    return JobKind.PREANNOTATE if job.origin == config.queue_name(JobKind.PREANNOTATE) else JobKind.WARM
+    return next((k for k in JobKind if job.origin == config.queue_name(k)), JobKind.WARM)
 
 
 def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, name: str | None = None,

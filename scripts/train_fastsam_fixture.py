@@ -63,14 +63,18 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no DNS/online checks
 
-import cv2
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastsam_backend.quality.hardscenes import generate_hard_scene  # noqa: E402
-from fastsam_backend.quality.scenes import generate_scene, yolo_segment  # noqa: E402
+from fastsam_backend.quality.scenes import generate_scene  # noqa: E402
+from fastsam_backend.quality.yolo_dataset import (  # noqa: E402
+    offline_ultralytics,
+    set_names,
+    split_dirs,
+    write_example,
+    write_yaml,
+)
 
 TRAIN_SEED0 = 0
 VAL_SEED0 = 500_000
@@ -87,79 +91,20 @@ def _write_one(job: tuple[int, str, str]) -> int:
         with open(label_file) as f:  # kept from an earlier run with the same --data-dir
             return sum(1 for line in f if line.strip())
     scene = generate_hard_scene(seed) if seed >= HARD_TRAIN_SEED0 else generate_scene(seed)
-    h, w = scene.image.shape[:2]
-    cv2.imwrite(
-        os.path.join(images, f"{seed:07d}.png"),
-        cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR),
-        [cv2.IMWRITE_PNG_COMPRESSION, 1],
-    )
-    lines = []
-    for obj in scene.objects:
-        poly = yolo_segment(obj.mask)
-        if poly is None or len(poly) < 3:
-            continue
-        xy = poly / np.array([w, h], np.float32)
-        xy = np.clip(xy, 0.0, 1.0)
-        lines.append("0 " + " ".join(f"{v:.6f}" for v in xy.reshape(-1)))
-    with open(os.path.join(labels, f"{seed:07d}.txt"), "w") as f:
-        f.write("\n".join(lines) + ("\n" if lines else ""))
-    return len(lines)
+    return write_example(images, labels, f"{seed:07d}", scene.image, [obj.mask for obj in scene.objects])
 
 
 def write_dataset(root: Path, splits: dict[str, range | list[int]], processes: int = 2) -> Path:
     """Write ``images/<split>`` + ``labels/<split>`` for each split and a ``data.yaml``; returns the yaml."""
     jobs = []
     for split, seeds in splits.items():
-        images, labels = root / "images" / split, root / "labels" / split
-        images.mkdir(parents=True, exist_ok=True)
-        labels.mkdir(parents=True, exist_ok=True)
-        jobs += [(s, str(images), str(labels)) for s in seeds]
+        images, labels = split_dirs(root, split)
+        jobs += [(s, images, labels) for s in seeds]
     t = time.time()
     with Pool(processes) as pool:
         n = sum(pool.map(_write_one, jobs, chunksize=8))
     print(f"wrote {len(jobs)} scenes, {n} objects in {time.time() - t:.0f}s to {root}", flush=True)
-    yaml = root / "data.yaml"
-    lines = [f"path: {root}"] + [f"{split}: images/{split}" for split in splits] + ["names:", "  0: object"]
-    yaml.write_text("\n".join(lines) + "\n")
-    return yaml
-
-
-def _offline_ultralytics() -> None:
-    """Stub the one remaining network touch: the data-set loader's Arial.ttf font check.
-
-    Also, where polars is missing (a bare GPU machine with wheels carried in), read
-    results.csv with the stdlib: ultralytics only embeds it in each checkpoint.
-    """
-    import ultralytics.data.utils as data_utils
-
-    data_utils.check_font = lambda *a, **k: None
-    try:
-        import polars  # noqa: F401
-    except ImportError:
-        import csv
-
-        from ultralytics.engine.trainer import BaseTrainer
-
-        def read_results_csv(self) -> dict:
-            try:
-                with open(self.csv, newline="") as f:
-                    rows = list(csv.DictReader(f))
-            except OSError:
-                return {}
-            return {k.strip(): [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
-
-        BaseTrainer.read_results_csv = read_results_csv
-
-
-def set_names(path: Path, names: dict[int, str] | None = None) -> None:
-    """Name the single class "object" (as FastSAM does) in a stripped checkpoint."""
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "ema"):
-        if ckpt.get(key) is not None:
-            ckpt[key].names = names or {0: "object"}
-    torch.save(ckpt, path)
+    return write_yaml(root, list(splits))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     assert args.scenes <= 100_000 and args.val_scenes <= 500_000
     data = write_dataset(tmp, splits, processes=max(1, args.processes))
 
-    _offline_ultralytics()
+    offline_ultralytics()
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import strip_optimizer
 

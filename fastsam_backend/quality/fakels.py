@@ -37,10 +37,13 @@ class FakeLabelStudio:
     def add_project(self, project_id: int, label_config: str) -> None:
         self.projects[project_id] = {"id": project_id, "title": f"project {project_id}", "label_config": label_config}
 
-    def add_task(self, project_id: int, data: dict[str, Any]) -> int:
+    def add_task(self, project_id: int, data: dict[str, Any], annotations: list[list[Any]] | None = None) -> int:
+        """``annotations``: each annotation's ``result`` (LS regions), as annotators submitted them."""
         with self.lock:
             task_id = len(self.tasks) + 1
-            self.tasks[task_id] = {"id": task_id, "project": project_id, "data": data}
+            anns = [{"id": 1000 * task_id + i, "task": task_id, "result": r, "was_cancelled": False}
+                    for i, r in enumerate(annotations or [])]
+            self.tasks[task_id] = {"id": task_id, "project": project_id, "data": data, "annotations": anns}
             return task_id
 
     def predictions_of(self, task_id: int) -> list[dict[str, Any]]:
@@ -50,9 +53,10 @@ class FakeLabelStudio:
     def _task_view(self, task: dict[str, Any]) -> dict[str, Any]:
         preds = [p for p in self.predictions if p["task"] == task["id"]]
         versions = ", ".join(sorted({str(p["model_version"]) for p in preds}))  # LS: a display string
-        return {**task, "annotations": [], "predictions": preds, "total_predictions": len(preds),
+        anns = task.get("annotations", [])
+        return {**task, "annotations": anns, "predictions": preds, "total_predictions": len(preds),
                 "predictions_model_versions": versions,
-                "total_annotations": 0, "cancelled_annotations": 0}
+                "total_annotations": len(anns), "cancelled_annotations": 0}
 
     # ------------------------------------------------------------------------------ the routes
     def handle(self, method: str, url: str, headers: Any, body: bytes) -> tuple[int, Any]:

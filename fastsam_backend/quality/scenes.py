@@ -33,6 +33,9 @@ import cv2
 import numpy as np
 
 SHAPES: tuple[str, ...] = ("circle", "square", "rectangle", "triangle", "star", "hexagon", "ellipse", "ring")
+# Drawn only when asked for (``generate_scene(..., shapes=NEW_SHAPES)``): no fixture was trained on them,
+# so they measure fine-tuning on an object kind the base model never saw (README, "Fine-tuning").
+NEW_SHAPES: tuple[str, ...] = ("cross", "crescent")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -150,6 +153,16 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: float) -> np.ndarray
         poly(pts)
     elif shape == "hexagon":
         poly(_regular_polygon(6, r, angle))
+    elif shape == "crescent":  # a disc with an offset disc cut out: thin, curved, concave
+        cc = (round(c * scale), round(c * scale))
+        cv2.circle(m, cc, round(r * scale), 1, -1, cv2.LINE_8, shift)
+        off = r * rng.uniform(0.35, 0.5)
+        cut = (round((c + off * math.cos(angle)) * scale), round((c + off * math.sin(angle)) * scale))
+        cv2.circle(m, cut, round(r * rng.uniform(0.8, 0.95) * scale), 0, -1, cv2.LINE_8, shift)
+    elif shape == "cross":  # a plus sign, arms a third of its extent wide
+        a, b = r / math.sqrt(2), r / (3 * math.sqrt(2))
+        poly(rotated(np.array([[-b, -a], [b, -a], [b, -b], [a, -b], [a, b], [b, b], [b, a], [-b, a], [-b, b],
+                               [-a, b], [-a, -b], [-b, -b]])))
     else:  # pragma: no cover - guarded by SHAPES
         raise ValueError(f"unknown shape {shape!r}")
     ys, xs = np.nonzero(m)
@@ -230,7 +243,8 @@ def _one_component(mask: np.ndarray) -> bool:
     return n == 2  # background + one piece
 
 
-def generate_scene(seed: int, size: int | tuple[int, int] | None = None) -> Scene:
+def generate_scene(seed: int, size: int | tuple[int, int] | None = None,
+                   shapes: tuple[str, ...] = SHAPES) -> Scene:
     """The scene of ``seed``; ``size`` is the side (int) or ``(height, width)``, else drawn from the seed."""
     rng = np.random.default_rng(seed)
     h, w = _pick_size(rng, size)
@@ -247,7 +261,7 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None) -> Scen
     attempts = 0
     while len(full) < n_target and attempts < 40 * n_target:
         attempts += 1
-        shape = str(rng.choice(SHAPES))
+        shape = str(rng.choice(shapes))
         lo = max(MIN_SIZE_FRACTION * side, MIN_SIZE_PIXELS * (1.6 if shape == "ring" else 1.0))
         hi = max(MAX_SIZE_FRACTION * side, lo + 1)
         if attempts > 20 * n_target:  # crowded: try smaller ones
