@@ -29,9 +29,7 @@ class FastSAMBackend:
 
     @property
     def model_version(self) -> str:
-        service = self.service
-        return service.version_for(service.options_for(self.project_id), service.learner.model_for(self.project_id),
-                                   service.tuned.for_project(self.project_id))
+        return self.service.project_version(self.project_id)
 
     def setup(self, hostname: str | None = None, access_token: str | None = None,
               extra_params: dict[str, Any] | None = None) -> str:

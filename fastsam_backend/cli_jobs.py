@@ -162,7 +162,7 @@ def preannotate(ls_url: str | None, api_key: str | None, project: int, limit: in
         if queued:
             if dry_run:
                 raise click.UsageError("--dry-run predicts in this process; it does not go with --queue")
-            version = service.version_for(service.options_for(str(project)))
+            version = service.project_version(str(project))
             summary = run_queued(_queues(settings), client, version, limit=limit, stop=stop,
                                  progress=_bar("pre-annotating (workers)"))
         else:

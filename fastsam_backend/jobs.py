@@ -314,8 +314,10 @@ def preannotate_task(task_id: int, project_id: int, model_version: str) -> dict[
     from .preannotate import project_client, write_one
 
     service = process_service()
+    # the settings must agree; the learned labels or a newly adopted checkpoint may have moved on
+    # since the enqueue (their +tags), and the prediction is written under the job's version
     version = service.version_for(service.options_for(str(project_id)))
-    if version != model_version:
+    if not model_version.startswith(version):
         raise JobRefused(f"this worker predicts as model_version {version}, the job asks for {model_version}: "
                          "run the workers with the enqueuer's settings (weights, IMGSZ, CONF, ...)")
     outcome = write_one(service, project_client(service.settings, project_id), task_id, model_version)

@@ -138,7 +138,7 @@ def run_in_process(service: FastSAMService, client: ProjectClient, *, limit: int
     """Predict and write every pending task here; ``progress(total=...)`` makes the bar (tqdm)."""
     stop = stop if stop is not None else StopFlag()
     started = time.monotonic()
-    version = service.version_for(service.options_for(str(client.project_id)))
+    version = service.project_version(str(client.project_id))
     summary = Summary(client.project_id, version, dry_run=dry_run)
     label_config = client.label_config()
     todo = pending_tasks(client, version, summary, limit, stop)

@@ -111,6 +111,14 @@ class FastSAMService:
             version += f"+{tag}"  # the project's learned labels (changes with its annotations)
         return version + (f"+{tuned.tag}" if tuned is not None else "")  # its adopted fine-tuned checkpoint
 
+    def project_version(self, project: str | None) -> str:
+        """The whole ``model_version`` a project's predictions carry now: its options, and its learned
+        labels and adopted checkpoint when it has them (what /setup, predict and preannotate use)."""
+        pid = project_id(project)
+        if not pid:
+            return self.version_for(self._defaults)
+        return self.version_for(self.options_for(pid), self.learner.model_for(pid), self.tuned.for_project(pid))
+
     def setup(self, request: SetupRequest) -> str:
         """Remember LS's host/token as image-download fallback and the project's overrides; no model load.
 
@@ -128,7 +136,7 @@ class FastSAMService:
         if request.project is not None and (project := project_id(str(request.project))):
             with self._lock:
                 self._projects[project] = options
-            return self.version_for(options, self.learner.model_for(project), self.tuned.for_project(project))
+            return self.project_version(project)
         return self.version_for(options)
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:

@@ -150,6 +150,8 @@ def test_examples_persist_in_redis_and_are_shared_with_another_process(make_sett
 
     # /setup gives LS the version the project's predictions carry (else LS would re-predict every task)
     assert service.setup(SetupRequest("41.1700000000")) == service.version_for(service.options_for("41"), model)
+    # and preannotate / its jobs skip by that same version (else a resumed run would duplicate every task)
+    assert service.project_version("41") == service.version_for(service.options_for("41"), model)
     from fastsam_backend.quality.labels_learned import example_events
 
     first = example_events("41", 1)[0]["annotation"]["id"]
