@@ -44,16 +44,24 @@ def dockerfile() -> tuple[list[str], dict[str, str]]:
     return cmd, env
 
 
-def namespace_script(repo: Path, python_home: Path) -> str:
-    """Shell run as root in the new mount namespace; ends by exec'ing the server as UID."""
+def namespace_script(repo: Path, keep: list[Path]) -> str:
+    """Shell run as root in the new mount namespace; ends by exec'ing the server as UID.
+
+    ``/tmp`` and ``/root`` become fresh tmpfs (as the container's tmpfs and its empty home); the
+    paths in ``keep`` that lie under them (the interpreter, the venv, a checkout cloned under /tmp)
+    are bind-mounted back, read-only like everything else."""
+    real = {Path(os.path.realpath(k)) for k in keep}
+    hidden = sorted(str(r) for r in real if r.is_relative_to("/tmp") or r.is_relative_to("/root"))
+    hidden = [h for h in hidden if not any(h != o and Path(h).is_relative_to(o) for o in hidden)]
+    stash = "".join(f"mkdir /mnt/.keep/{i} && mount --bind {h} /mnt/.keep/{i}\n" for i, h in enumerate(hidden))
+    restore = "".join(f"mkdir -p {h} && mount --bind /mnt/.keep/{i} {h} && mount -o remount,bind,ro {h}\n"
+                      for i, h in enumerate(hidden))
     return f"""set -e
 mount --make-rprivate /
-mount -t tmpfs -o mode=1777,size=1g tmpfs /tmp
-mkdir /tmp/.python && mount --bind {python_home} /tmp/.python
+mount -t tmpfs -o mode=700,size=1m tmpfs /mnt && mkdir /mnt/.keep
+{stash}mount -t tmpfs -o mode=1777,size=1g tmpfs /tmp
 mount -t tmpfs -o mode=755,size=1m tmpfs /root
-mkdir -p {python_home} && mount --bind /tmp/.python {python_home} && umount /tmp/.python && rmdir /tmp/.python
-mount -o remount,bind,ro {python_home}
-mount -o remount,bind,ro /
+{restore}mount -o remount,bind,ro /
 if touch {repo}/.nonroot-probe 2>/dev/null; then echo "the repository is writable" >&2; exit 97; fi
 exec setpriv --reuid {UID} --regid {UID} --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs \
   "$@"
@@ -94,7 +102,8 @@ def test_the_image_command_serves_as_non_root_on_a_read_only_filesystem(nonroot_
            "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF), "IOU": "0.7", "CLIP_ENABLED": "false",
            "DEFAULT_LABEL": "Banana", "LABEL_STUDIO_URL": ls_base, "LABEL_STUDIO_API_KEY": "f" * 40,
            "PYTHONPATH": str(REPO), "YOLO_OFFLINE": "1", "LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", namespace_script(REPO, python_home()), "sh", *cmd],
+    script = namespace_script(REPO, [python_home(), Path(sys.prefix), REPO])
+    proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", script, "sh", *cmd],
                             env=env, cwd="/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
