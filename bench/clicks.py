@@ -22,7 +22,7 @@ from typing import Any
 
 from .common import REDIS_URL, Context, ratio, stats_ms
 from .lsbody import IMAGE_URL, captured
-from .servers import REPO, backend, redis_prefix, static_server
+from .servers import REPO, backend, redis_prefix, static_server, wait_loaded
 from .warm import prepare
 
 CLIENTS = 8
@@ -77,10 +77,12 @@ def _served(ctx: Context, inputs: dict[str, Any], repo: Path, ls_base: str):
                "REDIS_URL": REDIS_URL, "CACHE_PREFIX": prefix, "LABEL_STUDIO_URL": ls_base,
                "LABEL_STUDIO_API_KEY": "f" * 40, "WORKERS": "1", "THREADS": "4"}
         with backend(env, ctx.workdir, repo=repo) as server:
+            wait_loaded(server)  # /predict would answer 503 "still loading" on a busy machine
             requests.post(f"{server.base}/setup", json=captured("/setup", interactive=False), timeout=30)
             first = requests.post(f"{server.base}/predict", data=inputs["bodies"][0],
                                   headers={"Content-Type": "application/json"}, timeout=300)
-            first.raise_for_status()  # cold: fills the cache
+            if first.status_code != 200:  # cold: fills the cache
+                raise RuntimeError(f"cold /predict answered {first.status_code}: {first.text[:300]}")
             yield server
 
 
