@@ -93,18 +93,13 @@ def per_click(ctx: Context, predictor, n: int) -> dict[str, Any]:
     from label_studio_sdk.converter.brush import mask2rle
 
     from .warm import prepare
-    from .warm_baselines import _pixel_prompts
+    from .warm_baselines import _pixel_prompts, sam_prompt_call
 
     inputs = prepare(ctx)
     decode, rle, total = [], [], []
     with torch.inference_mode():
         for kind, coords in _pixel_prompts(inputs, n):
-            if kind == "click":
-                call = lambda c=coords: predictor.predict(point_coords=np.array([c]), point_labels=np.array([1]),  # noqa: E731
-                                                          multimask_output=False)
-            else:
-                call = lambda c=coords: predictor.predict(box=np.array(c), multimask_output=False)  # noqa: E731
-            t_dec, (masks, _, _) = timed(call)
+            t_dec, (masks, _, _) = timed(sam_prompt_call(predictor, kind, coords, multimask_clicks=False))
             obj = _object_mask(inputs["masks"], kind, coords)
             mask = obj if obj is not None else masks[0]
             t_rle, _ = timed(lambda m=mask: mask2rle(m.astype(np.uint8) * 255))

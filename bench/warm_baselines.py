@@ -16,6 +16,14 @@ import numpy as np
 from .common import CONF, IOU, MAX_DET, Context, stats_ms, timed
 
 
+def sam_prompt_call(predictor, kind: str, coords, *, multimask_clicks: bool):
+    """One prompt for a ``SamPredictor`` as a no-argument call: a positive click or a box."""
+    if kind == "click":
+        return lambda: predictor.predict(point_coords=np.array([coords]), point_labels=np.array([1]),
+                                         multimask_output=multimask_clicks)
+    return lambda: predictor.predict(box=np.array(coords), multimask_output=False)
+
+
 def _pixel_prompts(inputs: dict[str, Any], n: int) -> list[tuple[str, list[float]]]:
     """The first ``n`` prompts of the HTTP run, in pixels: ("click", [x, y]) or ("box", [x0, y0, x1, y1])."""
     h, w = inputs["masks"].image_size
@@ -67,12 +75,7 @@ def sam_per_click(ctx: Context, inputs: dict[str, Any]) -> dict[str, Any]:
     times = []
     with torch.inference_mode():
         for kind, coords in _pixel_prompts(inputs, n):
-            if kind == "click":
-                call = lambda c=coords: predictor.predict(point_coords=np.array([c]), point_labels=np.array([1]),  # noqa: E731
-                                                          multimask_output=True)
-            else:
-                call = lambda c=coords: predictor.predict(box=np.array(c), multimask_output=False)  # noqa: E731
-            t, _ = timed(call)
+            t, _ = timed(sam_prompt_call(predictor, kind, coords, multimask_clicks=True))
             times.append(t)
     out = {"what": "SAM ViT-B SamPredictor.predict per prompt (prompt encoder + mask decoder + upscaling), "
                    "embedding cached by set_image", "per_click": stats_ms(times)}
