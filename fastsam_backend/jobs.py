@@ -294,7 +294,10 @@ def _stats_key(service: FastSAMService) -> str:
 
 
 def warm_image(url: str) -> dict[str, Any]:
-    """Masks (and CLIP crop embeddings, when CLIP can load) of the image at ``url`` into the cache."""
+    """Masks (and CLIP crop embeddings, when CLIP can load) of the image at ``url`` into the cache
+    (where a worker's batch put them already, a lookup; ``batching.py``)."""
+    from . import batching
+
     service = process_service()
     started = time.perf_counter()
     found = service.masks_for(url)
@@ -302,7 +305,7 @@ def warm_image(url: str) -> dict[str, Any]:
     if service.clip is not None and service.models.zero_shot_unavailable() is None:
         service.crop_embeddings(found)
         embeddings = True
-    outcome = "computed" if found.computed else "cached"
+    outcome = "computed" if found.computed or batching.claim(found.key) else "cached"
     if (connection := _job_connection()) is not None:
         count(connection, _stats_key(service), JobKind.WARM, outcome)
     return {"outcome": outcome, "digest": found.key.digest, "instances": len(found.masks),

@@ -217,25 +217,47 @@ class Segmenter:
         return Path(self._model.export(format="onnx", imgsz=self.config.imgsz, dynamic=True, device="cpu",
                                        verbose=False))
 
+    @property
+    def on_gpu(self) -> bool:
+        """The model runs on CUDA (known once loaded; before that, what ``DEVICE`` asks for)."""
+        return str(self._device or self.config.device).startswith("cuda")
+
+    @property
+    def batches(self) -> bool:
+        """Whether ``segment_batch`` runs one forward pass for several images: a PyTorch
+        checkpoint (ONNX and other exports may have a fixed batch of one) on a GPU (on a CPU a
+        batch takes as long as its images one by one, and holds them all in memory)."""
+        return self.on_gpu and Path(self.config.weights).suffix not in (".onnx", ".engine")
+
     # --------------------------------------------------------------- segment
     def segment(self, image: np.ndarray) -> MaskSet:
         """All instances of ``image`` (``(H, W, 3)`` uint8 RGB), masks at original resolution.
 
         Zero detections give an empty ``MaskSet``, not an error.
         """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
+        return self.segment_batch([image])[0]
+
+    def segment_batch(self, images: list[np.ndarray]) -> list[MaskSet]:
+        """``segment`` of each image, in one forward pass when the images share a shape and
+        ``batches`` holds, else one pass each. Same-shape images get the letterbox a single image
+        gets, so the masks are those ``segment`` makes (cache entries must not depend on which path
+        filled them)."""
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
         self.load()
+        if len(images) > 1 and (not self.batches or len({im.shape for im in images}) > 1):
+            return [self.segment_batch([im])[0] for im in images]
         import torch
 
         cfg = self.config
-        bgr = np.ascontiguousarray(image[:, :, ::-1])  # ultralytics treats numpy input as BGR (cv2)
+        bgr = [np.ascontiguousarray(im[:, :, ::-1]) for im in images]  # ultralytics reads numpy as BGR (cv2)
         # Per-box decoding is a loop of small matrix products: on a CPU it replaces the dominant cost,
         # on a GPU ultralytics' few large upsampling kernels are faster (H200: 4 ms against 40 ms).
-        on_cpu = not str(self._device).startswith("cuda")
+        on_cpu = not self.on_gpu
         with self._infer_lock, torch.inference_mode():
             results = self._model.predict(
-                bgr,
+                bgr if len(bgr) > 1 else bgr[0],
                 predictor=box_mask_predictor() if on_cpu else None,
                 retina_masks=not on_cpu,
                 device=self._device,
@@ -245,7 +267,9 @@ class Segmenter:
                 max_det=cfg.max_det,
                 verbose=False,
             )
-            return results[0].instance_masks if on_cpu else masks_from_result(results[0], image.shape[:2])
+            if on_cpu:
+                return [r.instance_masks for r in results]
+            return [masks_from_result(r, im.shape[:2]) for r, im in zip(results, images)]
 
 
 def onnx_fixed_imgsz(path: Path) -> int | None:

@@ -140,6 +140,8 @@ class Settings(BaseSettings):
     job_retries: int = Field(3, ge=0, le=20, description="retries of a failed or abandoned job")
     worker_prefetch: bool = Field(True, description="a worker takes its next warm job ahead and fetches and "
                                   "decodes its image while the current job runs")
+    worker_batch: int = Field(0, ge=0, le=64, description="warm jobs a worker segments in one forward pass; "
+                              "0 = 8 on a GPU, 1 (one by one) on a CPU, where a batch gains nothing")
     job_retry_intervals: str = Field(
         "5,30,120", pattern=r"^\s*\d+(\s*,\s*\d+)*\s*$",
         description="seconds before retry 1, 2, ... (the last one repeats)"

@@ -33,6 +33,7 @@ import uuid
 from typing import Any
 
 from . import jobs
+from .batching import GPU_BATCH, warm_batch
 from .errors import BadRequest
 from .jobs import JobKind, QueueConfig
 from .prefetch import PrefetchingLoader
@@ -62,10 +63,13 @@ def _kind_of(job: Any, config: QueueConfig) -> JobKind:
 
 
 def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, name: str | None = None,
-                prefetch: Any = None) -> Any:
+                prefetch: Any = None, batch: int = 1, warm_batch: Any = None) -> Any:
     """A ``FastSAMWorker`` on ``queue_names`` (built here so that ``rq`` is imported only when needed).
 
-    ``prefetch(url)``, when given, is called with the URL of the next warm job, taken ahead."""
+    ``prefetch(url)``, when given, is called with the URL of each warm job taken ahead: the next
+    one, or the next ``batch - 1`` when ``warm_batch(urls)`` is given too, which is called with the
+    URLs of a warm job and of those taken ahead before that job runs (``batching.py``)."""
+    depth = max(1, batch - 1) if warm_batch is not None else 1
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer
     from rq.utils import get_version
@@ -77,13 +81,14 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
         def get_heartbeat_ttl(self, job: Any, working_time: float = 0.0) -> int:
             return HEARTBEAT_TTL_S  # kept fresh by _beat while the job runs (RQ: the job timeout + 60 s)
 
-        ahead: tuple[Any, Any, float] | None = None  # (job, queue, monotonic time taken)
-        started_ahead: str | None = None
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.ahead: list[tuple[Any, Any, float]] = []  # (job, queue, monotonic time taken), next first
+            self.started_ahead: str | None = None
 
         def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
-            if self.ahead is not None:
-                job, queue, taken = self.ahead
-                self.ahead = None
+            while self.ahead:
+                job, queue, taken = self.ahead.pop(0)
                 if time.monotonic() - taken <= AHEAD_MAX_S:
                     self.started_ahead = job.id
                     return job, queue
@@ -91,16 +96,20 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
 
         def take_ahead(self) -> None:
-            """The next warm job, non-blocking (one queue: RQ moves it to that queue's intermediate list)."""
+            """The next warm jobs, up to ``depth`` held, non-blocking (one queue: RQ moves each to
+            that queue's intermediate list)."""
             warm = [q for q in self.queues if q.name == config.queue_name(JobKind.WARM)]
-            if prefetch is None or self.ahead is not None or self._stop_requested or not warm \
+            if prefetch is None or self._stop_requested or not warm \
                     or get_version(self.connection) < (6, 2, 0):  # older: no LMOVE, a dead holder would lose it
                 return
             try:
-                found = Queue.dequeue_any(warm, None, connection=self.connection, job_class=self.job_class,
-                                          serializer=self.serializer, death_penalty_class=self.death_penalty_class)
-                if found is not None:
-                    self.ahead = (*found, time.monotonic())
+                while len(self.ahead) < depth:
+                    found = Queue.dequeue_any(warm, None, connection=self.connection, job_class=self.job_class,
+                                              serializer=self.serializer,
+                                              death_penalty_class=self.death_penalty_class)
+                    if found is None:
+                        return
+                    self.ahead.append((*found, time.monotonic()))
                     self.connection.set(config.ahead_key(found[0].id), self.name, ex=AHEAD_MAX_S + 30)
                     prefetch(found[0].args[0])
             except Exception as exc:  # the job stays where it is; prefetching is only an optimisation
@@ -111,9 +120,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             self.connection.delete(config.ahead_key(job.id))
 
         def give_back_ahead(self) -> None:
-            if self.ahead is not None:
-                job, queue, _ = self.ahead
-                self.ahead = None
+            held, self.ahead = self.ahead, []
+            for job, queue, _ in reversed(held):  # each to the front: the next one ends up first
                 self.give_back(job, queue)
 
         def execute_job(self, job: Any, queue: Any) -> None:
@@ -129,11 +137,21 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
             beat.start()
             try:
+                if warm_batch is not None and self.ahead and _kind_of(job, config) is JobKind.WARM:
+                    self.run_batch(job)
                 self.perform_job(job, queue, execution)
             finally:
                 done.set()
                 beat.join(HEARTBEAT_S + 5)
             self.set_state(WorkerStatus.IDLE)
+
+        def run_batch(self, job: Any) -> None:
+            urls = [j.args[0] for j, _, _ in [(job, None, 0.0), *self.ahead]
+                    if _kind_of(j, config) is JobKind.WARM and j.args and isinstance(j.args[0], str)]
+            try:
+                warm_batch(urls)
+            except Exception as exc:  # each job still does its own work and reports its own error
+                log.warning("batch of %d warm jobs failed: %s", len(urls), exc)
 
         def _beat(self, job: Any, execution: Any, done: threading.Event) -> None:
             while not done.wait(HEARTBEAT_S):
@@ -254,11 +272,16 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
              time.perf_counter() - started, service.model_version, ", ".join(queue_names))
     jobs.install_service(service)
     connection = jobs.connect(config.redis_url, timeout_s=WORKER_TTL_S)
+    batch = settings.worker_batch or (GPU_BATCH if service.segmenter.batches else 1)
     loader = None
-    if settings.worker_prefetch:
-        loader = service.images = PrefetchingLoader(service.images)
+    if settings.worker_prefetch or batch > 1:
+        loader = service.images = PrefetchingLoader(service.images, depth=max(2, batch))
     worker = make_worker(config, queue_names, connection,
-                         prefetch=(lambda url: _prefetch_uncached(service, loader, url)) if loader else None)
+                         prefetch=(lambda url: _prefetch_uncached(service, loader, url)) if loader else None,
+                         batch=batch,
+                         warm_batch=(lambda urls: warm_batch(service, urls, batch)) if batch > 1 else None)
+    if batch > 1:
+        log.info("worker %d: warm jobs in batches of up to %d images", os.getpid(), batch)
     maintenance = Maintenance(worker, config)
     maintenance.start()
     try:

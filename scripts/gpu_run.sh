@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared run on a lent GPU machine (the workplace's `device` tool; not part of CI):
-#   1. the GPU column of the cold benchmark (`python -m bench --full --only cold`);
+#   1. the GPU column of the cold benchmark (`python -m bench --full --only cold`), and one worker's
+#      warm throughput with batches of 8 against one image per pass (`python -m bench.gpu_batch`);
 #   2. stage 3 of the FastSAM fixture (scripts/reproduce_fastsam_fixture.sh, STAGES=3, on CUDA),
 #      continuing from INIT, the stage-2 weights.
 # Usage there:  OUT=/some/dir INIT=stage2.pt [BENCH=0] [TRAIN=0] bash scripts/gpu_run.sh
@@ -23,6 +24,9 @@ if [ "${BENCH:-1}" != 0 ]; then
   timeout "${BENCH_TIMEOUT:-180}" python3 -m bench --full --only cold --out /tmp/bench/bench-gpu.json \
     >"$OUT/bench-gpu.txt" 2>"$OUT/bench-gpu.log"
   echo "bench rc=$?"; cp /tmp/bench/bench-gpu.json "$OUT/"; cat "$OUT/bench-gpu.txt"
+  timeout "${BATCH_TIMEOUT:-180}" python3 -m bench.gpu_batch --images 64 --batch 8 --imgsz 1024 \
+    --out "$OUT/gpu-batch.json" >"$OUT/gpu-batch.log" 2>&1
+  echo "gpu_batch rc=$?"; tail -c 1500 "$OUT/gpu-batch.json"
 fi
 
 [ "${TRAIN:-1}" = 0 ] && { echo "TRAIN=0: no training"; exit 0; }

@@ -49,3 +49,17 @@ def test_the_benchmarks_run_from_a_checkout_not_from_the_installed_cli():
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--smoke" in proc.stdout
+
+
+def test_the_gpu_batch_report_runs_and_both_rows_warm_every_image(tmp_path):
+    """``bench.gpu_batch`` (the lent GPU's throughput report) on the CPU, tiny: both rows time
+    the same images through ``batching.warm_batch``, each on a fresh cache."""
+    out = tmp_path / "gpu-batch.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_batch", "--images", "3", "--batch", "2", "--imgsz", "320",
+                           "--side", "320", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for row, batch in (("one_per_pass", 1), ("batched", 2)):
+        assert result[row]["images"] == 3 and result[row]["batch"] == batch
+        assert result[row]["images_per_s"] > 0 and result[row]["per_image_ms"]["network"] > 0
+    assert result["batched"]["batch_calls"] == 2  # 2 + 1 images

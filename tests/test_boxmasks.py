@@ -83,3 +83,29 @@ def test_segmenter_masks_match_ultralytics_retina_masks(fastsam_weights, tmp_pat
             assert np.count_nonzero(ours.mask(i) & theirs.mask(i)) / union >= 0.999
             compared += 1
     assert compared >= 20
+
+
+def test_a_batch_of_same_shape_images_gives_each_image_its_own_masks(fastsam_weights, tmp_path, monkeypatch):
+    """The batched pass a worker runs on a GPU (``segment_batch``), forced on here on the CPU:
+    one forward pass for three images, and each image gets the masks ``segment`` gives it alone
+    (the same letterbox), in order; mixed shapes fall back to one pass each."""
+    seg = Segmenter(SegmenterConfig(weights=str(fastsam_weights), model_dir=tmp_path, imgsz=FIXTURE_IMGSZ,
+                                    conf=FIXTURE_CONF, iou=0.7, allow_download=False))
+    images = [generate_scene(seed, size=640).image for seed in (1_000_310, 1_000_311, 1_000_312)]
+    alone = [seg.segment(image) for image in images]
+    monkeypatch.setattr(Segmenter, "batches", property(lambda self: True))
+    passes = []
+    predict = seg._model.predict
+    monkeypatch.setattr(seg._model, "predict", lambda source, **kw: passes.append(source) or predict(source, **kw))
+    together = seg.segment_batch(images)
+    assert len(passes) == 1 and len(passes[0]) == 3
+    for one, batched in zip(alone, together, strict=True):
+        assert len(one) == len(batched) > 0
+        np.testing.assert_allclose(one.scores, batched.scores, rtol=1e-4)
+        for i in range(len(one)):
+            union = np.count_nonzero(one.mask(i) | batched.mask(i))
+            assert np.count_nonzero(one.mask(i) & batched.mask(i)) / union >= 0.99
+    passes.clear()
+    wide = np.ascontiguousarray(images[0][:, : images[0].shape[1] // 2])
+    mixed = seg.segment_batch([images[0], wide])
+    assert len(passes) == 2 and len(mixed[0]) == len(alone[0])

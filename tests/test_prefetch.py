@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 
 from fastsam_backend import jobs
+from fastsam_backend.batching import warm_batch
 from fastsam_backend.jobs import JobKind, JobQueues, QueueConfig, enqueue_warm
 from fastsam_backend.prefetch import PrefetchingLoader
 from fastsam_backend.worker import RESCUE_AFTER_S, Maintenance, make_worker
@@ -17,9 +18,9 @@ from tests.test_jobs import TOKEN, fake_ls, make_service  # noqa: F401 (fixtures
 URLS = [f"/data/upload/1/s{i}.png" for i in range(5)]
 
 
-def burst(config: QueueConfig, queues: JobQueues, prefetch=None):
+def burst(config: QueueConfig, queues: JobQueues, prefetch=None, **batching):
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    worker = make_worker(config, config.queue_names, queues.connection, prefetch=prefetch)
+    worker = make_worker(config, config.queue_names, queues.connection, prefetch=prefetch, **batching)
     try:
         worker.work(burst=True)
     finally:
@@ -58,7 +59,7 @@ def test_a_job_taken_ahead_goes_back_to_the_front_when_the_worker_stops(own_redi
     order = warm.get_job_ids()
     worker = make_worker(config, config.queue_names, queues.connection, prefetch=lambda url: None)
     worker.take_ahead()
-    held = worker.ahead[0].id
+    held = worker.ahead[0][0].id
     assert held == order[0] and warm.get_job_ids() == order[1:]
     assert queues.connection.exists(config.ahead_key(held))
     worker.give_back_ahead()
@@ -73,7 +74,7 @@ def test_a_job_held_by_a_worker_that_died_goes_back_to_its_queue(own_redis, fake
     warm = queues.queues[JobKind.WARM]
     dead = make_worker(config, config.queue_names, queues.connection, prefetch=lambda url: None)
     dead.take_ahead()
-    held = dead.ahead[0].id
+    held = dead.ahead[0][0].id
     maintenance = Maintenance(make_worker(config, config.queue_names, queues.connection), config)
     maintenance.rescue_ahead(warm, now=0.0)
     maintenance.rescue_ahead(warm, now=RESCUE_AFTER_S + 1)
@@ -87,3 +88,57 @@ def test_a_job_held_by_a_worker_that_died_goes_back_to_its_queue(own_redis, fake
     assert queues.connection.llen(warm.intermediate_queue.key) == 0
     burst(config, queues)
     assert service.segmenter.calls == 2
+
+
+def test_a_batching_worker_segments_its_jobs_in_full_batches_and_each_job_runs_once(
+        own_redis, fake_ls, make_service):  # noqa: F811
+    """A worker on a GPU: each batch starts at a job whose image is not cached, holds it and the
+    next three taken ahead, and is one pass; the jobs of the batch then find their masks cached and
+    still count as computed. Nine images in batches of four: passes of 4, 4 and 1."""
+    service, config, queues = setup(own_redis, fake_ls, make_service)
+    service.segmenter.batches = True
+    urls = [f"/data/upload/1/s{i % 5}.png?copy={i}" for i in range(9)]  # 9 URLs, 5 distinct images
+    loader = service.images = PrefetchingLoader(service.images, depth=4)
+    report = enqueue_warm(queues, service, urls)
+    worker = burst(config, queues, prefetch=loader.prefetch, batch=4,
+                   warm_batch=lambda batch: warm_batch(service, batch, 4))
+    assert [s.status for s in queues.states(report.job_ids)] == ["finished"] * len(urls)
+    assert service.segmenter.passes == [4, 1]  # s0-s3 at once; s4 (copies of s0-s3 are cached)
+    assert service.segmenter.calls == 5, "each image segmented once"
+    stats = own_redis.raw().hgetall(config.stats_key)
+    assert stats == {b"warm:computed": b"5", b"warm:cached": b"4"}
+    assert worker.ahead == [] and queues.connection.llen(queues.queues[JobKind.WARM].intermediate_queue.key) == 0
+    for url in urls:
+        assert service.image_key_if_cached(url) is not None
+
+
+def test_a_batch_that_fails_leaves_each_image_to_its_own_job(own_redis, fake_ls, make_service):  # noqa: F811
+    service, config, queues = setup(own_redis, fake_ls, make_service)
+    service.segmenter.batches = True
+    segment_batch = service.segmenter.segment_batch
+
+    def out_of_memory(images):
+        if len(images) > 1:
+            raise RuntimeError("CUDA out of memory")
+        return segment_batch(images)
+
+    service.segmenter.segment_batch = out_of_memory
+    report = enqueue_warm(queues, service, URLS[:3])
+    burst(config, queues, prefetch=lambda url: None, batch=3, warm_batch=lambda batch: warm_batch(service, batch, 3))
+    assert [s.status for s in queues.states(report.job_ids)] == ["finished"] * 3
+    assert service.segmenter.calls == 3
+    assert own_redis.raw().hgetall(config.stats_key) == {b"warm:computed": b"3"}
+
+
+def test_a_warm_shutdown_gives_every_job_taken_ahead_back_in_order(own_redis, fake_ls, make_service):  # noqa: F811
+    service, config, queues = setup(own_redis, fake_ls, make_service)
+    enqueue_warm(queues, service, URLS)
+    warm = queues.queues[JobKind.WARM]
+    order = warm.get_job_ids()
+    worker = make_worker(config, config.queue_names, queues.connection, prefetch=lambda url: None, batch=4,
+                         warm_batch=lambda batch: None)
+    worker.take_ahead()
+    assert [job.id for job, _, _ in worker.ahead] == order[:3] and warm.get_job_ids() == order[3:]
+    worker.give_back_ahead()
+    assert warm.get_job_ids() == order
+    assert not queues.connection.keys(config.ahead_key("*"))

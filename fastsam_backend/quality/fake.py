@@ -31,10 +31,12 @@ class GroundTruthSegmenter:
 
     loaded = True
     error = None
+    batches = False  # like ``Segmenter.batches`` on a CPU; a test sets it to take the batched path
 
     def __init__(self, scenes: Iterable[Scene] = (), identity: str = "ground-truth") -> None:
         self.identity = identity
         self.calls = 0
+        self.passes: list[int] = []  # images per ``segment_batch`` call
         self._lock = threading.Lock()
         self._masks: dict[str, MaskSet] = {}
         for scene in scenes:
@@ -61,3 +63,9 @@ class GroundTruthSegmenter:
             self.calls += 1
         found = self._masks.get(_pixels_key(image))
         return found if found is not None else MaskSet.empty(image.shape[:2])
+
+    def segment_batch(self, images: list[np.ndarray]) -> list[MaskSet]:
+        """``segment`` of each image; ``passes`` records how many came in one call."""
+        with self._lock:
+            self.passes.append(len(images))
+        return [self.segment(image) for image in images]
