@@ -18,7 +18,8 @@ and decodes that image in a thread while the current job runs (``prefetch.py``).
 ahead sits in RQ's intermediate list of its queue, as any job between dequeue and start does, so a
 worker that dies holding it leaves it to RQ's cleanup, which fails it over to a retry; one held
 longer than ``AHEAD_MAX_S`` (a long current job) or held at a warm shutdown goes back to the front
-of its queue instead.
+of its queue instead. On a GPU a worker takes up to ``WORKER_BATCH - 1`` jobs ahead and segments
+their images with the current job's in one forward pass (``batching.py``).
 """
 
 from __future__ import annotations
