@@ -1,7 +1,8 @@
 """``fastsam-backend`` / ``python -m fastsam_backend``: serve, quality, export-onnx, and the job
 queues' worker, warm and preannotate (``cli_jobs``).
 
-The benchmarks live in the repository (``python -m bench`` from a checkout), not in the wheel.
+The benchmarks live in the repository, not in the wheel: ``fastsam-backend bench`` runs a checkout's
+``python -m bench`` (an editable install), and says so where there is none.
 """
 
 from __future__ import annotations
@@ -170,6 +171,22 @@ def export_onnx(weights: str | None, imgsz: int | None) -> None:
     configure_logging(settings.log_level)
     path = Segmenter(SegmenterConfig.from_settings(settings)).export_onnx()
     click.echo(f"exported {path}; serve it with FASTSAM_WEIGHTS={path}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """The benchmarks: ``python -m bench ARGS`` of this checkout (``fastsam-backend bench --help``)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__main__.py").is_file():
+        raise click.ClickException("the benchmarks live in the repository, not in the installed package: "
+                                   "install a checkout with `pip install -e .` (or `make run`) and run "
+                                   "`fastsam-backend bench` there, or `python -m bench` in the checkout")
+    sys.exit(subprocess.call([sys.executable, "-m", "bench", *ctx.args], cwd=root))
 
 
 def _child_exit(server, worker) -> None:
