@@ -11,7 +11,7 @@ import click
 
 from .settings import Settings, load_settings
 
-KINDS = ("warm", "preannotate")
+KINDS = ("learn", "warm", "preannotate")  # the default queues, in priority order
 
 
 def _settings(ls_url: str | None = None, api_key: str | None = None, **more: Any) -> Settings:
@@ -49,13 +49,13 @@ def _client(settings: Settings, project: int):
 
 @click.command()
 @click.option("--queues", "-q", "kinds", multiple=True, type=click.Choice((*KINDS, "train")),
-              help="queues to take jobs from, in priority order [default: warm, then preannotate; "
-                   "train (fine-tuning) only when named]")
+              help="queues to take jobs from, in priority order [default: learn (annotation webhooks), warm, "
+                   "then preannotate; train (fine-tuning) only when named]")
 @click.option("--processes", "-n", type=click.IntRange(1, 64), default=1, show_default=True,
               help="worker processes on this machine, each loading the models once")
 @click.option("--burst", is_flag=True, help="exit once the queues are empty")
 def worker(kinds: tuple[str, ...], processes: int, burst: bool) -> None:
-    """Take warm and pre-annotate jobs from the queues in Redis (REDIS_URL)."""
+    """Take learn, warm and pre-annotate jobs from the queues in Redis (REDIS_URL)."""
     from .cli import configure_logging
     from .jobs import JobKind, QueueConfig
     from .worker import run_worker, supervise

@@ -8,7 +8,10 @@ Keys, under ``CACHE_PREFIX`` (no TTL: under ``volatile-lru`` Redis never evicts 
   exactly its examples and a deletion removes exactly them;
 - ``learn:v1:<project>:anns`` → the set of annotation ids with examples;
 - ``learn:v1:<project>:rev`` → a counter bumped on every change (``model_version`` and each
-  process's prototypes follow it).
+  process's prototypes follow it);
+- ``learn:v1:<project>:gone:<annotation id>`` → a tombstone (``TOMBSTONE_TTL_S``) set when Label
+  Studio deletes the annotation: learning runs in the background (``learn_jobs.py``), so a create or
+  update still queued when the deletion arrives must not store its examples afterwards.
 
 No pickle: JSON and the codec's checked array format only.
 """
@@ -28,6 +31,8 @@ from .label_model import Example
 
 log = logging.getLogger(__name__)
 
+TOMBSTONE_TTL_S = 7 * 24 * 3600  # longer than any learn job waits (its retries included)
+
 
 @dataclass(frozen=True)
 class AnnotationExamples:
@@ -41,6 +46,7 @@ class AnnotationExamples:
 
 class ExampleStore(Protocol):
     def put(self, project: str, item: AnnotationExamples) -> int: ...
+    def bury(self, project: str, annotation_ids: list[str]) -> None: ...
     def delete(self, project: str, annotation_ids: list[str]) -> int: ...
     def revision(self, project: str) -> int: ...
     def load(self, project: str, clip_id: str) -> list[Example]: ...
@@ -53,13 +59,23 @@ class MemoryExamples:
     def __init__(self) -> None:
         self._data: dict[str, dict[str, AnnotationExamples]] = {}
         self._rev: dict[str, int] = {}
+        self._gone: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
     def put(self, project: str, item: AnnotationExamples) -> int:
         with self._lock:
+            if item.annotation_id in self._gone.get(project, ()):
+                log.info("project %s annotation %s was deleted: its examples are not stored", project,
+                         item.annotation_id)
+                return self._rev.get(project, 0)
             self._data.setdefault(project, {})[item.annotation_id] = item
             self._rev[project] = self._rev.get(project, 0) + 1
             return self._rev[project]
+
+    def bury(self, project: str, annotation_ids: list[str]) -> None:
+        """The annotations were deleted: a later ``put`` of theirs stores nothing."""
+        with self._lock:
+            self._gone.setdefault(project, set()).update(annotation_ids)
 
     def delete(self, project: str, annotation_ids: list[str]) -> int:
         with self._lock:
@@ -92,16 +108,34 @@ class RedisExamples:
         return f"{self.prefix}learn:v1:{project}:{rest}"
 
     def put(self, project: str, item: AnnotationExamples) -> int:
+        import redis
+
         meta = {"labels": [ex.label for ex in item.examples], "clip": item.clip_id, "task": item.task_id}
         emb = np.stack([ex.embedding for ex in item.examples]).astype(np.float16) if item.examples \
             else np.zeros((0, 0), np.float16)
-        key = self._key(project, f"ann:{item.annotation_id}")
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(key)
-        pipe.hset(key, mapping={"meta": json.dumps(meta), "emb": encode_arrays({"emb": emb})})
-        pipe.sadd(self._key(project, "anns"), item.annotation_id)
-        pipe.incr(self._key(project, "rev"))
-        return int(pipe.execute()[-1])
+        key, gone = self._key(project, f"ann:{item.annotation_id}"), self._key(project, f"gone:{item.annotation_id}")
+        with self.client.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(gone)  # a deletion between this check and EXEC aborts the transaction
+                if not pipe.exists(gone):
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.hset(key, mapping={"meta": json.dumps(meta), "emb": encode_arrays({"emb": emb})})
+                    pipe.sadd(self._key(project, "anns"), item.annotation_id)
+                    pipe.incr(self._key(project, "rev"))
+                    return int(pipe.execute()[-1])
+            except redis.WatchError:
+                pass
+        log.info("project %s annotation %s was deleted: its examples are not stored", project, item.annotation_id)
+        return self.revision(project)
+
+    def bury(self, project: str, annotation_ids: list[str]) -> None:
+        """The annotations were deleted: a later ``put`` of theirs stores nothing (for TOMBSTONE_TTL_S)."""
+        if annotation_ids:
+            pipe = self.client.pipeline(transaction=False)
+            for a in annotation_ids:
+                pipe.set(self._key(project, f"gone:{a}"), 1, ex=TOMBSTONE_TTL_S)
+            pipe.execute()
 
     def delete(self, project: str, annotation_ids: list[str]) -> int:
         if not annotation_ids:

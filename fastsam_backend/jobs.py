@@ -50,6 +50,7 @@ class JobKind(str, Enum):
     WARM = "warm"
     PREANNOTATE = "preannotate"
     TRAIN = "train"  # fine-tune FastSAM on a project's masks (finetune_job.py)
+    LEARN = "learn"  # an annotation webhook's label examples (learn_jobs.py)
 
 
 class JobRefused(BadRequest):
@@ -168,8 +169,9 @@ class JobQueues:
                                    default_timeout=config.timeout_s) for kind in JobKind}
 
     def enqueue(self, kind: JobKind, func: str, args: list[Any], job_id: str, description: str,
-                timeout_s: int | None = None) -> bool:
-        """True: a new job; False: a job of this id is queued, scheduled or running already."""
+                timeout_s: int | None = None, once: bool = False) -> bool:
+        """True: a new job; False: a job of this id is queued, scheduled or running already, or with
+        ``once``, finished too (kept ``JOB_RESULT_TTL_S``: the same event delivered again is not redone)."""
         from rq import Retry
         from rq.exceptions import DuplicateJobError
         from rq.job import Job
@@ -186,7 +188,7 @@ class JobQueues:
                 job = Job.fetch_many([job_id], connection=self.connection, serializer=self.serializer)[0]
                 if job is None:
                     continue  # it expired in between
-                if job.get_status(refresh=False).value in ACTIVE:
+                if job.get_status(refresh=False).value in (ACTIVE | DONE if once else ACTIVE):
                     return False
                 job.delete()  # finished or failed earlier: this is a new request for the work
         return False

@@ -4,13 +4,16 @@ An annotated region is matched to the cached instance masks of its image (the in
 IoU, at least ``LEARN_MATCH_IOU``; rectangles by box IoU) and that instance's cached CLIP crop
 embedding is its example; a region no instance matches is embedded from its own crop. Examples are
 stored per annotation (``example_store``); every process rebuilds a project's prototypes when the
-project's revision moves (one Redis ``GET`` per request).
+project's revision moves. The revision is read from the store at most every ``LEARN_REFRESH_S`` per
+project (a warm click makes no Redis round trip for it); a process that learned reads it again at
+once, other processes' examples are seen up to ``LEARN_REFRESH_S`` late.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,7 @@ class LearnConfig:
     min_examples: int = 3  # LEARN_MIN_EXAMPLES
     match_iou: float = 0.5  # LEARN_MATCH_IOU
     min_similarity: float = 0.8  # LEARN_MIN_SIMILARITY
+    refresh_s: float = 2.0  # LEARN_REFRESH_S: how long a project's revision is trusted without asking the store
 
 
 def match_instance(masks: MaskSet, region: AnnotatedRegion) -> tuple[int, float]:
@@ -67,7 +71,10 @@ class Learner:
     def __init__(self, service: FastSAMService, store: ExampleStore, config: LearnConfig) -> None:
         self.service, self.store, self.config = service, store, config
         self._models: dict[str, LabelModel] = {}
+        self._revisions: dict[str, tuple[float, int]] = {}  # project -> (when read, monotonic; revision)
+        self._forgotten = 0  # bumped by every _forget_revision
         self._lock = threading.Lock()
+        self.clock = time.monotonic  # tests step it
 
     @property
     def clip_id(self) -> str | None:
@@ -92,7 +99,7 @@ class Learner:
         with self._lock:
             known = self._models.get(project)
         try:
-            revision = self.store.revision(project)
+            revision = self._revision(project)
             if known is None or known.revision != revision:
                 examples = self.store.load(project, clip_id) if revision else []
                 known = LabelModel.fit(examples, min_examples=self.config.min_examples, revision=revision)
@@ -102,6 +109,25 @@ class Learner:
             log.warning("project %s: label examples unreadable (%s: %s); using the last model built here",
                         project, type(exc).__name__, exc)
         return known if known is not None and known.labels else None
+
+    def _revision(self, project: str) -> int:
+        """The project's store revision, read at most every ``refresh_s`` (0: every time)."""
+        now = self.clock()
+        with self._lock:
+            memo, forgotten = self._revisions.get(project), self._forgotten
+        if memo is not None and now - memo[0] < self.config.refresh_s:
+            return memo[1]
+        revision = self.store.revision(project)
+        with self._lock:
+            if self._forgotten == forgotten:  # else a write here raced this read: it may be older
+                self._revisions[project] = (now, revision)
+        return revision
+
+    def _forget_revision(self, project: str) -> None:
+        """This process changed the project's examples: the next read asks the store."""
+        with self._lock:
+            self._revisions.pop(project, None)
+            self._forgotten += 1
 
     def choose(self, found: ImageMasks, order: list[int], tag: OutputTag, options: ProjectOptions,
                model: LabelModel) -> LabelChoice:
@@ -137,10 +163,14 @@ class Learner:
         if (why := self.unavailable()) is not None:
             return {"learned": False, "reason": why}
         try:
+            if event.action == DELETED:  # before the deletion: a create still being learned stores nothing
+                self.store.bury(event.project, list(event.deleted))
             return self._learn(event)
         except store_errors() as exc:
             raise BackendError(f"label examples could not be stored: Redis failed ({type(exc).__name__})",
                                status=503) from None
+        finally:
+            self._forget_revision(event.project)
 
     def _learn(self, event: AnnotationEvent) -> dict[str, Any]:
         project = event.project
@@ -170,6 +200,7 @@ class Learner:
         return {"learned": True, "project": project, **counts, **self._summary(project)}
 
     def _summary(self, project: str) -> dict[str, Any]:
+        self._forget_revision(project)  # the examples just changed here
         model = self.model_for(project)
         labels = {} if model is None else {lab: model.count(lab) for lab in model.labels}
         return {"revision": self.store.revision(project), "examples_per_label": labels,

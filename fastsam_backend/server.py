@@ -20,8 +20,10 @@ from redis import RedisError
 from werkzeug.exceptions import HTTPException
 
 from . import metrics
+from .annotations import ANNOTATION_EVENTS
 from .errors import BackendError, BadRequest
 from .jobs import JobQueues, JobsCollector, QueueConfig, warm_new_tasks
+from .learn_jobs import LearnDispatch
 from .protocol import NOT_A_JSON_OBJECT, decode_predict, decode_setup
 from .service import FastSAMService, build_service
 from .settings import Settings, load_settings
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 MODEL_CLASS = "FastSAMBackend"
 TASKS_CREATED = "TASKS_CREATED"  # enqueues warm jobs for the new tasks' images (README: Scaling out)
 TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-                "ANNOTATION_DELETED", "START_TRAINING"}  # annotation events teach labels (learning.py)
+                "ANNOTATION_DELETED", "START_TRAINING"}  # annotation events teach labels (learning.py, learn_jobs.py)
 UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials
 
 
@@ -110,6 +112,8 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
         body: dict[str, Any] = {"status": "UP", "model_class": MODEL_CLASS, "ready": state["state"] != "error",
                                 "model_loaded": service.segmenter.loaded, "model_version": service.model_version,
                                 **state}
+        if service.learner.unavailable() is None:
+            body["learning"] = learning.health()  # where annotation events are learned; the last one learned here
         if service.settings.finetune_enabled:
             body["finetune"] = service.tuned.health()  # last decisions (every project) and tuned models loaded here
         return jsonify(body)
@@ -125,6 +129,7 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
     queue_config = QueueConfig.from_settings(settings)
     queues: list[JobQueues] = []  # made on the first TASKS_CREATED (no Redis connection before)
     collectors = [JobsCollector(queue_config)] if queue_config is not None else []
+    learning = LearnDispatch(service, queue_config, settings.learn_backlog)  # annotation events, off the request
 
     @app.post("/webhook")
     def webhook() -> tuple[Response, int]:
@@ -142,6 +147,9 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
                                    status=503) from None
         if not isinstance(action, str) or action not in TRAIN_EVENTS:
             return jsonify({"status": "Unknown event"}), 200
+        if action in ANNOTATION_EVENTS:  # validated here, learned in the background (202)
+            answer, status = learning.accept(action, body)
+            return jsonify(answer), status
         return jsonify({"status": "ok", "result": service.fit(action, body)}), 201
 
     @app.get("/metrics")

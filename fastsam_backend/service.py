@@ -82,7 +82,7 @@ class FastSAMService:
         self.credentials = CredentialChecker(verify_ssl=settings.verify_ssl)
         self.learner = Learner(self, examples or MemoryExamples(), LearnConfig(  # labels from annotations
             settings.learn_enabled, settings.learn_min_examples, settings.learn_match_iou,
-            settings.learn_min_similarity))
+            settings.learn_min_similarity, refresh_s=settings.learn_refresh_s))
         self.tuned = TunedModels(settings)  # projects' adopted fine-tuned checkpoints (tuned.py)
 
     # ----------------------------------------------------------------- setup
@@ -140,7 +140,8 @@ class FastSAMService:
         return self.version_for(options)
 
     def fit(self, event: str, data: dict[str, Any]) -> dict[str, Any]:
-        """Annotation events teach the project's labels (``learning``); FastSAM itself is not trained."""
+        """Annotation events teach the project's labels (``learning``), in this call (``model.py``'s ``fit``;
+        the ``/webhook`` route learns in the background instead, ``learn_jobs.py``); FastSAM itself is not trained."""
         if event in ANNOTATION_EVENTS:
             why = self.learner.unavailable()
             return {"learned": False, "reason": why} if why else self.learner.learn(parse_event(event, data))

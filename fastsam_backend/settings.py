@@ -114,6 +114,14 @@ class Settings(BaseSettings):
         0.8, ge=-1, le=1, description="while some labels are not learned yet, an instance takes a learned "
         "label only when its crop is at least this close (cosine) to that label's prototype"
     )
+    learn_refresh_s: float = Field(
+        2.0, ge=0, description="seconds a process trusts a project's example revision without asking Redis (a "
+        "click then makes no round trip for it); another process's new examples are seen up to this late"
+    )
+    learn_backlog: int = Field(
+        100, ge=1, description="annotation events waiting to be learned in the server process when there are no "
+        "job queues (no REDIS_URL); one more is answered 503"
+    )
 
     # --- FastSAM fine-tuning (fastsam_backend/finetune.py, finetune_job.py) --------
     finetune_enabled: bool = Field(False, description="allow `train` jobs (each project still opts in)")
