@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,8 @@ def test_examples_persist_in_redis_and_are_shared_with_another_process(make_sett
 @pytest.mark.model
 @pytest.mark.slow
 def test_webhook_route_learns_from_real_payloads(make_settings):
-    """LS's own ANNOTATION_CREATED payload through /webhook; its image is a data URI here (the real
-    one points at the LS that sent it)."""
+    """LS's own ANNOTATION_CREATED payload through /webhook (answered 202, learned in the background
+    thread: polled on /health); its image is a data URI here (the real one points at the LS that sent it)."""
     from fastsam_backend.quality import lsrequests
     from fastsam_backend.quality.scenes import generate_scene
     from fastsam_backend.server import create_app
@@ -175,9 +176,13 @@ def test_webhook_route_learns_from_real_payloads(make_settings):
     body["task"]["data"]["image"] = lsrequests.data_uri(generate_scene(seed).image)
     client = create_app(_settings(make_settings)).test_client()
     r = client.post("/webhook", json=body)
-    assert r.status_code == 201, r.json
-    result = r.json["result"]
-    assert result["learned"] and result["examples"] == len(body["annotation"]["result"])
+    assert r.status_code == 202 and r.json["result"]["background"] == "thread", r.json  # learned off the request
+    deadline = time.monotonic() + 120
+    while not (learning := client.get("/health").json["learning"])["learned"] + learning["failed"]:
+        assert time.monotonic() < deadline, learning
+        time.sleep(0.05)
+    result = learning["last"]
+    assert result["learned"] and result["examples"] == len(body["annotation"]["result"]), learning
     assert result["matched"] >= 1  # matched to cached instances, not only own crops
     r = client.post("/webhook", json={"action": "ANNOTATIONS_DELETED", "project": body["project"],
                                       "annotations": [{"id": body["annotation"]["id"]}]})

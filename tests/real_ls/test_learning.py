@@ -4,13 +4,17 @@ Annotations are created, updated and deleted through LS's API; LS sends its anno
 (to the ``<ML URL>/webhook`` LS adds by itself when the model is connected, and to a relay in
 front of our ``/webhook`` that keeps LS's payloads). The payloads
 are written to ``tests/real_ls/artifacts/`` (copied into ``tests/fixtures/ls-webhooks/``, which the
-unit tests replay). Then the next pre-annotation (Retrieve Predictions) carries the learned version.
+unit tests replay). The backend answers creates and updates 202 and learns them in its background
+thread (polled on ``/health``). Then the next pre-annotation (Retrieve Predictions) carries the
+learned version.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import requests
 
 from fastsam_backend.quality.labels_learned import LABEL_CONFIG, brush, example_events
 from fastsam_backend.quality.scenes import generate_scene
@@ -67,12 +71,22 @@ def run(label_studio, backend, note) -> None:
         kept = ARTIFACTS / f"ls-1.23.2-webhook-learn-{payload['action']}.json"
         kept.write_text(json.dumps(payload, indent=1) + "\n")
         note(f"{payload['action']}: backend {status} {json.dumps(answer)[:300]} (payload at {kept})")
-        assert status == 201 and answer["status"] == "ok", (payload["action"], status, answer)
-        assert answer["result"]["learned"] is True
+        if payload["action"] == "ANNOTATIONS_DELETED":  # a deletion is learned in the request
+            assert status == 201 and answer["status"] == "ok", (payload["action"], status, answer)
+            assert answer["result"]["learned"] is True
+        else:  # creates and updates are accepted at once and learned in the background thread
+            assert status == 202 and answer["status"] == "accepted", (payload["action"], status, answer)
+            assert answer["result"]["background"] == "thread"
     # Connecting the model made LS add <backend>/webhook for every action (ml.models.create_ml_webhook), so
-    # each event reached the backend twice: directly, and through the relay. Learning is per annotation
-    # id, so the second delivery changes nothing (the deletion found its examples already gone).
-    final = exchanges[-1][2]["result"]
+    # each event reached the backend twice: directly, and through the relay. The second delivery of a
+    # create or update is a duplicate, learned once; the second deletion finds its examples gone.
+    learning = wait_until(lambda: (h := backend.health()["learning"])["pending"] == 0
+                          and h["learned"] + h["failed"] >= 3 and h, 120, "the backend's background learning")
+    note(f"background learning: {learning}")
+    assert learning["learned"] == 3 and learning["duplicate"] >= 3 and not learning["failed"], learning
+    # what the project has now: a deletion of no annotation answers its summary
+    final = requests.post(f"{backend.url}/webhook", json={"action": "ANNOTATIONS_DELETED", "project": {"id": pid},
+                                                          "annotations": []}, timeout=30).json()["result"]
     assert final["examples_per_label"] == {first.shape: 1}, final
     hooks = api.json("GET", "/api/webhooks/", params={"project": pid})
     assert any(h["url"] == f"{backend.url}/webhook" and h["send_for_all_actions"] for h in hooks), hooks
