@@ -279,3 +279,18 @@ def test_a_learn_job_runs_on_a_worker_process_once(make_settings, fastsam_weight
         assert queues.connection.hget(queues.config.stats_key, "learn:learned") == b"1"
     finally:
         stop(worker)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_buried_annotation_is_not_stored_again(kind, request):
+    from fastsam_backend.example_store import MemoryExamples
+
+    store = MemoryExamples() if kind == "memory" else RedisExamples(request.getfixturevalue("own_redis").raw(), "t:")
+    item = AnnotationExamples("1", "7", "colour-clip", (Example("a", np.float32([1, 0, 0])),))
+    store.put("p", item)
+    store.bury("p", ["1"])
+    assert store.delete("p", ["1"]) == 1
+    rev = store.revision("p")
+    assert store.put("p", item) == rev and store.load("p", "colour-clip") == [] and store.count("p") == 0
+    store.put("q", item)  # the same id in another project is another annotation
+    assert store.count("q") == 1
