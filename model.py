@@ -45,4 +45,6 @@ class FastSAMBackend:
         return {"model_version": self.model_version, "predictions": predictions}
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Learn from one annotation webhook body in this call and return the summary (the HTTP
+        ``/webhook`` answers 202 and learns in the background instead: ``learn_jobs.py``)."""
         return self.service.fit(event, data)
