@@ -107,6 +107,29 @@ def test_store_keys_examples_per_annotation_so_deletions_remove_exactly_theirs(k
     assert [e.label for e in store.load("q", "clip-x")] == ["c"]
 
 
+def test_redis_keeps_geometry_and_reads_older_entries_without_it(own_redis):
+    import json as _json
+
+    from fastsam_backend.codec import encode_arrays
+    from fastsam_backend.geometry import GEOMETRY_VERSION, N_FEATURES
+
+    client = own_redis.raw()
+    store = RedisExamples(client, "g:")
+    geo = np.arange(2 * N_FEATURES, dtype=np.float32).reshape(2, N_FEATURES)
+    store.put("p", AnnotationExamples("1", "7", "clip-x", (Example("a", unit(1, 0, 0), geo[0]),
+                                                          Example("b", unit(0, 1, 0), geo[1]))))
+    loaded = {e.label: e for e in store.load("p", "clip-x")}
+    assert np.array_equal(loaded["a"].geometry, geo[0]) and np.array_equal(loaded["b"].geometry, geo[1])
+    emb = encode_arrays({"emb": np.stack([unit(1, 0, 0)]).astype(np.float16)})
+    for ann, meta, extra in (("2", {"labels": ["a"], "clip": "clip-x", "task": "7"}, {}),  # before geometry
+                             ("3", {"labels": ["a"], "clip": "clip-x", "task": "7", "geometry": GEOMETRY_VERSION + 1},
+                              {"geo": encode_arrays({"geo": np.zeros((1, 3), np.float32)})})):  # a later layout
+        client.hset(f"g:learn:v1:p:ann:{ann}", mapping={"meta": _json.dumps(meta), "emb": emb, **extra})
+        client.sadd("g:learn:v1:p:anns", ann)
+    examples = store.load("p", "clip-x")
+    assert len(examples) == 4 and sum(e.geometry is None for e in examples) == 2
+
+
 # ------------------------------------------------------------------ the service, real models
 def _settings(make_settings, **kw):
     return make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
