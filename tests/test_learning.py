@@ -216,21 +216,22 @@ BAR_SCENES = 15
 @pytest.mark.slow
 def test_learned_labels_against_zero_shot(make_settings):
     """The issue's bar: at 3 examples per label top-1 ≥ 0.85 and ≥ zero-shot + 0.2. Not met with the
-    fixture CLIP (its crop embeddings encode colour, not shape: README), hence the strict xfail below;
-    this test holds what is met: learned labels at 10 examples beat zero-shot."""
+    fixture models (README), hence the strict xfail below; this test holds what is met: with the mask
+    geometry beside CLIP, 3 and 10 examples clearly beat zero-shot (measured 0.60 → 0.75 and 0.81 on
+    these scenes; CLIP prototypes alone were 0.62 and 0.68 on 40 scenes)."""
     from fastsam_backend.quality.labels_learned import examples_table
     from fastsam_backend.service import build_service
 
     service = build_service(_settings(make_settings, learn_min_examples=1))
     rows = {r.examples_per_label: r for r in examples_table(service, (0, 3, 10), scenes=BAR_SCENES)}
     print({k: round(r.top1, 3) for k, r in rows.items()})
-    assert rows[10].top1 > rows[0].top1
-    assert rows[3].top1 >= rows[0].top1 - 0.05
+    assert rows[3].top1 >= rows[0].top1 + 0.08
+    assert rows[10].top1 >= rows[0].top1 + 0.12
 
 
 @pytest.mark.model
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture CLIP (README: 0.62 at 3)")
+@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture models (README: 0.74 at 3)")
 def test_issue_bar_three_examples_per_label(make_settings):
     from fastsam_backend.quality.labels_learned import examples_table
     from fastsam_backend.service import build_service
