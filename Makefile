@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-env lint bench quality audit clean
+.PHONY: run test test-fast test-env lint bench quality quality-labels audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -32,12 +32,16 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 # The README's quality table: the shipped fixtures unless FASTSAM_WEIGHTS etc. are set.
-quality: $(STAMP)
-	FASTSAM_WEIGHTS=$${FASTSAM_WEIGHTS:-tests/fixtures/models/fastsam-shapes.pt} IMGSZ=$${IMGSZ:-640} \
+QUALITY_ENV = FASTSAM_WEIGHTS=$${FASTSAM_WEIGHTS:-tests/fixtures/models/fastsam-shapes.pt} IMGSZ=$${IMGSZ:-640} \
 	CONF=$${CONF:-0.1} IOU=$${IOU:-0.7} FASTSAM_ALLOW_DOWNLOAD=false \
 	OPEN_CLIP_MODEL=$${OPEN_CLIP_MODEL:-tests/fixtures/models/clip-shapes.json} \
-	OPEN_CLIP_PRETRAINED=$${OPEN_CLIP_PRETRAINED:-tests/fixtures/models/clip-shapes.pt} \
-	$(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
+	OPEN_CLIP_PRETRAINED=$${OPEN_CLIP_PRETRAINED:-tests/fixtures/models/clip-shapes.pt}
+quality: $(STAMP)
+	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
+
+# The README's learned-labels table (LABELS_ARGS=--dev: the development scenes)
+quality-labels: $(STAMP)
+	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality-labels $(LABELS_ARGS)
 
 # pip-audit of the pinned requirements.txt; skipped (saying why) where no vulnerability service answers
 audit: $(STAMP)

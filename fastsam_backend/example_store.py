@@ -4,8 +4,11 @@ Keys, under ``CACHE_PREFIX`` (no TTL: under ``volatile-lru`` Redis never evicts 
 
 - ``learn:v1:<project>:ann:<annotation id>`` → a hash: ``meta`` (JSON ``{"labels": [...],
   "clip": <CLIP identity>, "task": <task id>}``) and ``emb`` (``codec.encode_arrays``, ``(K, D)``
-  float16: row ``k`` is the example of ``labels[k]``). One per annotation, so an update replaces
-  exactly its examples and a deletion removes exactly them;
+  float16: row ``k`` is the example of ``labels[k]``), and since geometry version 1 ``geo``
+  (``(K, G)`` float32 mask-geometry descriptors, ``meta["geometry"]`` their ``GEOMETRY_VERSION``).
+  One per annotation, so an update replaces exactly its examples and a deletion removes exactly
+  them. An entry without ``geo``, or of another geometry version, loads without geometry (its CLIP
+  embeddings are used; the geometry model waits for enough examples that have it);
 - ``learn:v1:<project>:anns`` → the set of annotation ids with examples;
 - ``learn:v1:<project>:rev`` → a counter bumped on every change (``model_version`` and each
   process's prototypes follow it);
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .codec import CorruptEntry, decode_arrays, encode_arrays
+from .geometry import GEOMETRY_VERSION, N_FEATURES
 from .label_model import Example
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,10 @@ class RedisExamples:
         meta = {"labels": [ex.label for ex in item.examples], "clip": item.clip_id, "task": item.task_id}
         emb = np.stack([ex.embedding for ex in item.examples]).astype(np.float16) if item.examples \
             else np.zeros((0, 0), np.float16)
+        fields = {"emb": encode_arrays({"emb": emb})}
+        if item.examples and all(ex.geometry is not None for ex in item.examples):
+            meta["geometry"] = GEOMETRY_VERSION
+            fields["geo"] = encode_arrays({"geo": np.stack([ex.geometry for ex in item.examples]).astype(np.float32)})
         key, gone = self._key(project, f"ann:{item.annotation_id}"), self._key(project, f"gone:{item.annotation_id}")
         with self.client.pipeline(transaction=True) as pipe:
             try:
@@ -120,7 +128,7 @@ class RedisExamples:
                 if not pipe.exists(gone):
                     pipe.multi()
                     pipe.delete(key)
-                    pipe.hset(key, mapping={"meta": json.dumps(meta), "emb": encode_arrays({"emb": emb})})
+                    pipe.hset(key, mapping={"meta": json.dumps(meta), **fields})
                     pipe.sadd(self._key(project, "anns"), item.annotation_id)
                     pipe.incr(self._key(project, "rev"))
                     return int(pipe.execute()[-1])
@@ -160,9 +168,9 @@ class RedisExamples:
                      for a in self.client.smembers(self._key(project, "anns")))
         pipe = self.client.pipeline(transaction=False)
         for a in ids:
-            pipe.hmget(self._key(project, f"ann:{a}"), ["meta", "emb"])
+            pipe.hmget(self._key(project, f"ann:{a}"), ["meta", "emb", "geo"])
         out: list[Example] = []
-        for a, (meta, emb) in zip(ids, pipe.execute()):
+        for a, (meta, emb, geo) in zip(ids, pipe.execute()):
             if meta is None or emb is None:
                 continue  # deleted between the two reads
             try:
@@ -175,7 +183,9 @@ class RedisExamples:
                 log.warning("project %s annotation %s: unreadable examples skipped (%s)", project, a, exc)
                 continue
             if info.get("clip") == clip_id:
-                out += [Example(str(lab), arr[k].astype(np.float32)) for k, lab in enumerate(labels)]
+                geometry = _geometry(geo, info, len(labels), project, a)
+                out += [Example(str(lab), arr[k].astype(np.float32), None if geometry is None else geometry[k])
+                        for k, lab in enumerate(labels)]
         return out
 
     def clear(self, project: str) -> None:
@@ -183,6 +193,19 @@ class RedisExamples:
         keys = list(self.client.scan_iter(match=self._key(project, "*"), count=500))
         if keys:
             self.client.delete(*keys)
+
+
+def _geometry(blob: bytes | None, info: dict, n: int, project: str, annotation: str) -> np.ndarray | None:
+    """The entry's ``(K, G)`` geometry when it is of this version, else None (older entries, or a
+    layout this code does not know: their examples count without geometry)."""
+    if blob is None or info.get("geometry") != GEOMETRY_VERSION:
+        return None
+    try:
+        geo = decode_arrays(blob)["geo"]
+    except (KeyError, ValueError, CorruptEntry) as exc:
+        log.warning("project %s annotation %s: unreadable geometry ignored (%s)", project, annotation, exc)
+        return None
+    return geo.astype(np.float32) if geo.shape == (n, N_FEATURES) else None
 
 
 def store_errors() -> tuple[type[BaseException], ...]:

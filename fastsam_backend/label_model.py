@@ -1,11 +1,17 @@
-"""Labels learned from a project's annotations: class prototypes over CLIP crop embeddings.
+"""Labels learned from a project's annotations: CLIP prototypes plus a mask-geometry model.
 
-Each annotated region becomes one *example*: its label and the ``(D,)`` unit CLIP embedding of its
-crop (the cached instance mask it matches, or the region's own mask). Per label, the prototype is
-the normalised mean of its examples; an instance gets the label whose prototype is nearest
-(cosine). Measured against a linear probe on the fixture CLIP (README, *Labels learned from
-annotations*): prototypes were as good from 1 example on and need no training step, so any replica
-rebuilds them from the stored examples in microseconds.
+Each annotated region becomes one *example*: its label, the ``(D,)`` unit CLIP embedding of its
+crop and the ``(G,)`` mask-geometry descriptor (``geometry``) of its mask (the cached instance mask
+it matches, or the region's own mask). Per label, the prototype is the normalised mean of its
+examples' embeddings (measured as good as a linear probe on the fixture CLIP, README, *Labels
+learned from annotations*, and no training step: any replica rebuilds it in microseconds).
+
+A crop embedding may say little about an object's outline (the fixture CLIP encodes colour), so
+the examples also fit a Gaussian model of their geometry (``GeometryModel``): features standardised
+by the examples' own statistics, one centroid per label, a within-label covariance shrunk towards
+its diagonal and towards unit variance (few examples). How much it counts beside CLIP is the
+project's own: the blend weight of best leave-one-out accuracy on its examples, 0 (CLIP only) on
+ties, and no geometry at all while some learned label has fewer than 2 examples with geometry.
 
 A label is *learned* once it has ``min_examples`` examples; labels that are not yet learned keep
 their zero-shot score, per label (``choose_learned``).
@@ -19,15 +25,48 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .geometry import GEOMETRY_VERSION, N_FEATURES
 from .zero_shot import LabelChoice
 
+# Chosen on development seeds (example scenes, ``quality-labels --dev``), never the evaluated ones.
+DIAGONAL_SHRINK = 0.5  # covariance = (1 - s) pooled + s diag(pooled): 3 examples a label cannot fill (G, G)
+PRIOR_DOF = 1.0  # per label, pseudo-examples of unit variance mixed into the pooled covariance
+BLEND_WEIGHTS = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0)  # geometry score's weight; 0 first (ties)
+MIN_GEOMETRY_EXAMPLES = 2  # per learned label: leave-one-out needs another example of the label
 
 @dataclass(frozen=True)
 class Example:
-    """One annotated region: ``label`` and its ``(D,)`` float32 unit CLIP crop embedding."""
+    """One annotated region: ``label``, its ``(D,)`` float32 unit CLIP crop embedding and its
+    ``(G,)`` float32 mask-geometry descriptor (None: an example stored before geometry existed)."""
 
     label: str
     embedding: np.ndarray
+    geometry: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class GeometryModel:
+    """A Gaussian over standardised geometry descriptors, one centroid per label.
+
+    Attributes:
+        mean, scale: ``(G,)`` float32, the examples' feature mean and std (``z = (g - mean) / scale``).
+        centroids: ``(L, G)`` float32 per label of the model (rows of unlearned labels unused).
+        precision: ``(G, G)`` float32 inverse of the shrunk within-label covariance.
+        weight: the geometry score's weight beside the CLIP score (leave-one-out, > 0).
+    """
+
+    mean: np.ndarray
+    scale: np.ndarray
+    centroids: np.ndarray
+    precision: np.ndarray
+    weight: float
+
+    def scores(self, geometry: np.ndarray) -> np.ndarray:
+        """``(N, L)``: minus half the squared Mahalanobis distance, per feature, of each ``(N, G)``
+        descriptor to each label's centroid (a log-likelihood up to a constant)."""
+        z = (np.asarray(geometry, np.float32) - self.mean) / self.scale
+        d = z[:, None, :] - self.centroids[None]
+        return -0.5 * np.einsum("nlj,jk,nlk->nl", d, self.precision, d) / z.shape[1]
 
 
 @dataclass(frozen=True)
@@ -40,6 +79,7 @@ class LabelModel:
         counts: ``(L,)`` int examples per label.
         revision: the project's example-store revision these were built from.
         min_examples: a label with fewer examples is not used (zero-shot decides it).
+        geometry: the geometry model, None while it cannot be fitted or CLIP alone did as well.
     """
 
     labels: tuple[str, ...]
@@ -47,6 +87,7 @@ class LabelModel:
     counts: np.ndarray
     revision: int
     min_examples: int
+    geometry: GeometryModel | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -60,19 +101,21 @@ class LabelModel:
 
     @classmethod
     def fit(cls, examples: Iterable[Example], *, min_examples: int, revision: int = 0) -> LabelModel:
-        """Prototypes from examples (rows that are all zero, i.e. unscored crops, are skipped)."""
-        by_label: dict[str, list[np.ndarray]] = {}
-        for ex in examples:
-            vec = np.asarray(ex.embedding, np.float32).reshape(-1)
-            if vec.any():
-                by_label.setdefault(ex.label, []).append(vec)
-        if not by_label:
+        """Prototypes and the geometry model from examples (rows that are all zero, i.e. unscored
+        crops, are skipped). A function of the stored examples alone, so every replica builds the
+        same model (and ``version_tag``) for a revision."""
+        kept = [ex for ex in examples if np.asarray(ex.embedding).any()]
+        if not kept:
             return cls.empty(min_examples, revision)
-        labels = tuple(sorted(by_label))
-        protos = np.stack([np.mean(by_label[lab], axis=0) for lab in labels]).astype(np.float32)
-        protos /= np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
-        counts = np.array([len(by_label[lab]) for lab in labels], np.int64)
-        return cls(labels, protos, counts, revision, min_examples)
+        labels = tuple(sorted({ex.label for ex in kept}))
+        emb = np.stack([np.asarray(ex.embedding, np.float32).reshape(-1) for ex in kept])
+        y = np.array([labels.index(ex.label) for ex in kept], np.int64)
+        sums = np.stack([emb[y == i].sum(axis=0) for i in range(len(labels))])
+        protos = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        counts = np.bincount(y, minlength=len(labels)).astype(np.int64)
+        model = cls(labels, protos.astype(np.float32), counts, revision, min_examples)
+        geo = _fit_geometry(model, kept, emb, y, sums)
+        return model if geo is None else cls(labels, model.prototypes, counts, revision, min_examples, geo)
 
     def count(self, label: str) -> int:
         return int(self.counts[self.labels.index(label)]) if label in self.labels else 0
@@ -88,13 +131,67 @@ class LabelModel:
         used = self.learned(self.labels)
         if not used:
             return None
-        canon = repr((self.revision, [(lab, self.count(lab)) for lab in used])).encode()
+        geo = None if self.geometry is None else (GEOMETRY_VERSION, round(self.geometry.weight, 3))
+        canon = repr((self.revision, [(lab, self.count(lab)) for lab in used], geo)).encode()
         return f"L{self.revision}.{hashlib.sha256(canon).hexdigest()[:6]}"
 
     def similarities(self, embeddings: np.ndarray, labels: tuple[str, ...]) -> np.ndarray:
         """``(N, len(labels))`` cosine of each ``(N, D)`` embedding to each label's prototype."""
         rows = [self.labels.index(lab) for lab in labels]
         return embeddings.astype(np.float32) @ self.prototypes[rows].T
+
+    def geometry_scores(self, geometry: np.ndarray | None, labels: tuple[str, ...]) -> np.ndarray | None:
+        """``(N, len(labels))`` weighted geometry scores of ``(N, G)`` descriptors (None: not used)."""
+        if self.geometry is None or geometry is None:
+            return None
+        rows = [self.labels.index(lab) for lab in labels]
+        return self.geometry.weight * self.geometry.scores(geometry)[:, rows]
+
+
+def _fit_geometry(model: LabelModel, examples: list[Example], emb: np.ndarray, y: np.ndarray,
+                  sums: np.ndarray) -> GeometryModel | None:
+    """The geometry model over the learned labels' examples that have a descriptor, with its
+    leave-one-out blend weight; None when it cannot be fitted or does not beat CLIP alone."""
+    learned = [i for i, lab in enumerate(model.labels) if model.count(lab) >= model.min_examples]
+    has = np.array([ex.geometry is not None and np.shape(ex.geometry) == (N_FEATURES,) for ex in examples])
+    rows = np.flatnonzero(has & np.isin(y, learned))
+    n_labels = len(model.labels)
+    per_label = np.bincount(y[rows], minlength=n_labels)
+    if len(learned) < 2 or (per_label[learned] < MIN_GEOMETRY_EXAMPLES).any():
+        return None
+    g = np.stack([np.asarray(examples[r].geometry, np.float32) for r in rows])
+    yg = y[rows]
+    mean, scale = g.mean(axis=0), g.std(axis=0) + 1e-3  # + 1e-3: a constant feature stays finite
+    z = (g - mean) / scale
+    zsum = np.stack([z[yg == i].sum(axis=0) for i in range(n_labels)])
+    centroids = zsum / np.maximum(per_label, 1)[:, None]
+    resid = z - centroids[yg]
+    dof = max(len(yg) - len(learned), 1)
+    cov = (resid.T @ resid + PRIOR_DOF * len(learned) * np.eye(z.shape[1])) / (dof + PRIOR_DOF * len(learned))
+    cov = (1 - DIAGONAL_SHRINK) * cov + DIAGONAL_SHRINK * np.diag(np.diag(cov))
+    precision = np.linalg.inv(cov).astype(np.float32)
+    geo = GeometryModel(mean.astype(np.float32), scale.astype(np.float32), centroids.astype(np.float32),
+                        precision, 1.0)
+    # Leave-one-out scores of each example against the learned labels: its own label's prototype
+    # and centroid without it (the covariance keeps it: a small optimism, the same for every weight).
+    # The label words' text cosine, which prediction adds once every label is learned, is left out:
+    # it depends on the label config this process has seen, and replicas must agree on the weight
+    # (the same choices on development seeds with and without it).
+    n, cols = len(rows), np.array(learned)
+    own = np.searchsorted(cols, yg)
+    clip = emb[rows] @ model.prototypes[cols].T
+    loo_proto = sums[yg] - emb[rows]
+    loo_proto /= np.maximum(np.linalg.norm(loo_proto, axis=1, keepdims=True), 1e-12)
+    clip[np.arange(n), own] = np.einsum("nd,nd->n", emb[rows], loo_proto)
+    geo_s = geo.scores(g)[:, cols]
+    loo_c = (zsum[yg] - z) / (per_label[yg] - 1)[:, None]
+    d = z - loo_c
+    geo_s[np.arange(n), own] = -0.5 * np.einsum("nj,jk,nk->n", d, precision, d) / z.shape[1]
+    acc = [np.mean((clip + w * geo_s).argmax(axis=1) == own) for w in BLEND_WEIGHTS]
+    weight = BLEND_WEIGHTS[int(np.argmax(acc))]  # the first best: CLIP alone wins ties
+    if weight == 0:
+        return None
+    return GeometryModel(geo.mean, geo.scale, geo.centroids, geo.precision, float(weight))
 
 
 def label_scores(embeddings: np.ndarray, phrase_embeddings: np.ndarray, owner: np.ndarray,
@@ -110,7 +207,8 @@ def label_scores(embeddings: np.ndarray, phrase_embeddings: np.ndarray, owner: n
 
 def choose_learned(model: LabelModel, embeddings: np.ndarray, labels: tuple[str, ...],
                    zero_shot: LabelChoice | None, *, min_similarity: float,
-                   default_label: str | None, text_scores: np.ndarray | None = None) -> LabelChoice:
+                   default_label: str | None, text_scores: np.ndarray | None = None,
+                   geometry: np.ndarray | None = None) -> LabelChoice:
     """Per instance the learned label when one fits, else the zero-shot one.
 
     Args:
@@ -124,6 +222,9 @@ def choose_learned(model: LabelModel, embeddings: np.ndarray, labels: tuple[str,
             when CLIP text scoring is there: once every label is learned, an instance gets the label
             of highest prototype cosine + text cosine (the words stay a prior; measured better than
             the prototypes alone on the fixture CLIP, README).
+        geometry: ``(N, G)`` mask-geometry descriptors of the instances; with the model's geometry
+            model, its weighted score is added to every learned label's. The ``min_similarity``
+            gate stays on the prototype cosine of the label chosen (it bounds CLIP's confusion).
 
     An instance that neither places gets ``default_label`` or is dropped, as zero-shot does.
     """
@@ -132,12 +233,15 @@ def choose_learned(model: LabelModel, embeddings: np.ndarray, labels: tuple[str,
     if not learned or n == 0:
         return zero_shot if zero_shot is not None else LabelChoice((default_label,) * n,
                                                                    np.full(n, default_label is not None))
-    sims = model.similarities(embeddings, learned)
+    cosine = model.similarities(embeddings, learned)
+    sims = cosine
     everything_learned = len(learned) == len(labels)
     if everything_learned and text_scores is not None:
         sims = sims + text_scores[:, [labels.index(lab) for lab in learned]]
+    if (geo := model.geometry_scores(geometry, learned)) is not None:
+        sims = sims + geo
     best = sims.argmax(axis=1)
-    best_sim = sims[np.arange(n), best]
+    best_sim = cosine[np.arange(n), best]
     scored = embeddings.any(axis=1)
     accept = scored & (everything_learned | (best_sim >= min_similarity))
     out: list[str | None] = []

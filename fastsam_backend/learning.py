@@ -2,7 +2,8 @@
 
 An annotated region is matched to the cached instance masks of its image (the instance of best
 IoU, at least ``LEARN_MATCH_IOU``; rectangles by box IoU) and that instance's cached CLIP crop
-embedding is its example; a region no instance matches is embedded from its own crop. Examples are
+embedding and mask geometry are its example; a region no instance matches is embedded, and
+described, from its own crop and mask. Examples are
 stored per annotation (``example_store``); every process rebuilds a project's prototypes when the
 project's revision moves. The revision is read from the store at most every ``LEARN_REFRESH_S`` per
 project (a warm click makes no Redis round trip for it); a process that learned reads it again at
@@ -23,6 +24,7 @@ import numpy as np
 from .annotations import DELETED, AnnotatedRegion, Annotation, AnnotationEvent
 from .errors import BackendError, ModelUnavailable
 from .example_store import AnnotationExamples, ExampleStore, store_errors
+from .geometry import mask_geometry
 from .label_model import Example, LabelModel, choose_learned, label_scores
 from .labelconfig import OutputTag, parse_label_config
 from .masks import MaskSet
@@ -143,8 +145,9 @@ class Learner:
             phrases = _restricted(LabelPhrases.of(tag), rest)
             zero = choose_labels(embeddings, self.service.phrase_embeddings(phrases.phrases), phrases,
                                  min_similarity=options.label_min_similarity, default_label=options.default_label)
+        geometry = mask_geometry(found.masks, order) if model.geometry is not None else None
         return choose_learned(model, embeddings, tag.labels, zero, min_similarity=self.config.min_similarity,
-                              default_label=options.default_label, text_scores=text)
+                              default_label=options.default_label, text_scores=text, geometry=geometry)
 
     def label_of_selection(self, found: ImageMasks, indices: tuple[int, ...], labels: tuple[str, ...],
                            model: LabelModel) -> str | None:
@@ -152,8 +155,9 @@ class Learner:
         if not indices or not model.learned(labels):
             return None
         i = max(indices, key=lambda k: int(found.masks.areas[k]))
+        geometry = mask_geometry(found.masks, [i]) if model.geometry is not None else None  # one instance
         choice = choose_learned(model, self.service.crop_embeddings(found)[[i]].astype(np.float32), labels, None,
-                                min_similarity=self.config.min_similarity, default_label=None)
+                                min_similarity=self.config.min_similarity, default_label=None, geometry=geometry)
         return choice.labels[0]
 
     # ------------------------------------------------------------ learning
@@ -221,21 +225,22 @@ class Learner:
             region = _at_size(region, found.masks.image_size)
             i, iou = match_instance(found.masks, region)
             if i >= 0 and iou >= self.config.match_iou and embeddings[i].any():
-                vec = embeddings[i].astype(np.float32)
+                vec, geo = embeddings[i].astype(np.float32), mask_geometry(found.masks, [i])[0]
                 counts["matched"] += 1
             else:
-                vec = self._own_crop(found, region)
+                vec, geo = self._own_crop(found, region)
                 counts["own_crops"] += 1
             if vec.any():
-                examples.append(Example(region.label, vec))
+                examples.append(Example(region.label, vec, geo))
         counts["examples"] += len(examples)
         return AnnotationExamples(ann.id, ann.task_id, clip_id, tuple(examples))
 
-    def _own_crop(self, found: ImageMasks, region: AnnotatedRegion) -> np.ndarray:
+    def _own_crop(self, found: ImageMasks, region: AnnotatedRegion) -> tuple[np.ndarray, np.ndarray]:
+        """``(D,)`` CLIP embedding and ``(G,)`` geometry of the region's own mask."""
         clip = self.service.models.require_clip()
         found.image = found.image or self.service.images.load(found.url)
         own = MaskSet.from_dense(region.mask[None], np.ones(1, np.float32))
-        return clip.embed_masks(found.image.pixels, own)[0].astype(np.float32)
+        return clip.embed_masks(found.image.pixels, own)[0].astype(np.float32), mask_geometry(own)[0]
 
 
 def _restricted(phrases: LabelPhrases, labels: tuple[str, ...]) -> LabelPhrases:

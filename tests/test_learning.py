@@ -108,6 +108,29 @@ def test_store_keys_examples_per_annotation_so_deletions_remove_exactly_theirs(k
     assert [e.label for e in store.load("q", "clip-x")] == ["c"]
 
 
+def test_redis_keeps_geometry_and_reads_older_entries_without_it(own_redis):
+    import json as _json
+
+    from fastsam_backend.codec import encode_arrays
+    from fastsam_backend.geometry import GEOMETRY_VERSION, N_FEATURES
+
+    client = own_redis.raw()
+    store = RedisExamples(client, "g:")
+    geo = np.arange(2 * N_FEATURES, dtype=np.float32).reshape(2, N_FEATURES)
+    store.put("p", AnnotationExamples("1", "7", "clip-x", (Example("a", unit(1, 0, 0), geo[0]),
+                                                          Example("b", unit(0, 1, 0), geo[1]))))
+    loaded = {e.label: e for e in store.load("p", "clip-x")}
+    assert np.array_equal(loaded["a"].geometry, geo[0]) and np.array_equal(loaded["b"].geometry, geo[1])
+    emb = encode_arrays({"emb": np.stack([unit(1, 0, 0)]).astype(np.float16)})
+    for ann, meta, extra in (("2", {"labels": ["a"], "clip": "clip-x", "task": "7"}, {}),  # before geometry
+                             ("3", {"labels": ["a"], "clip": "clip-x", "task": "7", "geometry": GEOMETRY_VERSION + 1},
+                              {"geo": encode_arrays({"geo": np.zeros((1, 3), np.float32)})})):  # a later layout
+        client.hset(f"g:learn:v1:p:ann:{ann}", mapping={"meta": _json.dumps(meta), "emb": emb, **extra})
+        client.sadd("g:learn:v1:p:anns", ann)
+    examples = store.load("p", "clip-x")
+    assert len(examples) == 4 and sum(e.geometry is None for e in examples) == 2
+
+
 # ------------------------------------------------------------------ the service, real models
 def _settings(make_settings, **kw):
     return make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
@@ -198,21 +221,22 @@ BAR_SCENES = 15
 @pytest.mark.slow
 def test_learned_labels_against_zero_shot(make_settings):
     """The issue's bar: at 3 examples per label top-1 ≥ 0.85 and ≥ zero-shot + 0.2. Not met with the
-    fixture CLIP (its crop embeddings encode colour, not shape: README), hence the strict xfail below;
-    this test holds what is met: learned labels at 10 examples beat zero-shot."""
+    fixture models (README), hence the strict xfail below; this test holds what is met: with the mask
+    geometry beside CLIP, 3 and 10 examples clearly beat zero-shot (measured 0.60 → 0.75 and 0.81 on
+    these scenes; CLIP prototypes alone were 0.62 and 0.68 on 40 scenes)."""
     from fastsam_backend.quality.labels_learned import examples_table
     from fastsam_backend.service import build_service
 
     service = build_service(_settings(make_settings, learn_min_examples=1))
     rows = {r.examples_per_label: r for r in examples_table(service, (0, 3, 10), scenes=BAR_SCENES)}
     print({k: round(r.top1, 3) for k, r in rows.items()})
-    assert rows[10].top1 > rows[0].top1
-    assert rows[3].top1 >= rows[0].top1 - 0.05
+    assert rows[3].top1 >= rows[0].top1 + 0.08
+    assert rows[10].top1 >= rows[0].top1 + 0.12
 
 
 @pytest.mark.model
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture CLIP (README: 0.62 at 3)")
+@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture models (README: 0.74 at 3)")
 def test_issue_bar_three_examples_per_label(make_settings):
     from fastsam_backend.quality.labels_learned import examples_table
     from fastsam_backend.service import build_service
