@@ -58,7 +58,9 @@ def run_bench(mode: str = "quick", out: Path | None = None, sections: tuple[str,
                               "machine": machine(), "out": str(out), "sections": {}}
     with tempfile.TemporaryDirectory(prefix="fastsam-bench-") as tmp:
         ctx = Context(MODES[mode], Path(tmp), log=log)
-        ctx.shared["model_cache_dir"] = out.parent / "models"  # random checkpoints are reused between runs
+        # random checkpoints are reused between runs; absolute: the clicks section serves the base commit
+        # from another folder
+        ctx.shared["model_cache_dir"] = out.resolve().parent / "models"
         for name in SECTIONS:
             if name not in sections:
                 result["sections"][name] = {"status": "skipped", "skipped": "not selected"}
