@@ -60,7 +60,10 @@ class _Claims:
 
     def pop(self, key: ImageKey) -> bool:
         with self._lock:
-            return self._keys.pop(_name(key), False) is None
+            if (name := _name(key)) not in self._keys:
+                return False
+            del self._keys[name]
+            return True
 
 
 def _name(key: ImageKey) -> str:
@@ -84,18 +87,17 @@ def warm_batch(service: FastSAMService, urls: list[str], max_batch: int) -> Batc
     from .service import ImageMasks  # here: the service may reach the job modules (no cycle at import)
 
     report = BatchReport(images=len(urls))
-    if urls and service.image_key_if_cached(urls[0]) is not None:
-        # the current job's image came with an earlier batch: the next batch starts at the first
-        # job whose image is not cached, so that batches stay full (not one new image each)
-        report.cached = 1
-        return report
     seg, params = service.segmenter, service.settings.inference_params()
     todo: dict[tuple[int, ...], list[tuple[str, LoadedImage, ImageKey]]] = {}
     seen: set[str] = set()
     started = time.perf_counter()
-    for url in urls:
+    for i, url in enumerate(urls):
         if service.image_key_if_cached(url) is not None:  # a key lookup: nothing to download
             report.cached += 1
+            if i == 0:
+                # the current job's image came with an earlier batch: the next batch starts at the
+                # first job whose image is not cached, so that batches stay full (not one new image each)
+                return report
             continue
         try:
             image = service.images.load(url)

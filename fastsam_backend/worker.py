@@ -147,8 +147,7 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             self.set_state(WorkerStatus.IDLE)
 
         def run_batch(self, job: Any) -> None:
-            urls = [j.args[0] for j, _, _ in [(job, None, 0.0), *self.ahead]
-                    if _kind_of(j, config) is JobKind.WARM and j.args and isinstance(j.args[0], str)]
+            urls = [job.args[0], *(ahead.args[0] for ahead, _, _ in self.ahead)]  # warm jobs: (url,)
             try:
                 warm_batch(urls)
             except Exception as exc:  # each job still does its own work and reports its own error

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-from fastsam_backend.cache import EmbeddedCache
 from fastsam_backend.store import MaskStore, UrlMemo, url_key
+from tests.test_cache import CountingCache
 
 DIGEST_A, DIGEST_B = "a" * 64, "b" * 64
-
-
-class CountingCache(EmbeddedCache):
-    def __init__(self) -> None:
-        super().__init__(max_bytes=10**6)
-        self.gets = 0
-
-    def get(self, key: str) -> bytes | None:
-        self.gets += 1
-        return super().get(key)
 
 
 class Clock:
