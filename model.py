@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastsam_backend.protocol import SetupRequest, predict_request
-from fastsam_backend.service import FastSAMService, build_service
+from fastsam_backend.ls.protocol import SetupRequest, predict_request
+from fastsam_backend.service.orchestrator import FastSAMService, build_service
 from fastsam_backend.settings import Settings, load_settings
 
 
@@ -46,5 +46,5 @@ class FastSAMBackend:
 
     def fit(self, event: str, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Learn from one annotation webhook body in this call and return the summary (the HTTP
-        ``/webhook`` answers 202 and learns in the background instead: ``learn_jobs.py``)."""
+        ``/webhook`` answers 202 and learns in the background instead: ``fastsam_backend/jobs/learn.py``)."""
         return self.service.fit(event, data)

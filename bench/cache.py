@@ -21,7 +21,7 @@ RATIO_TARGET = 20.0  # raw / encoded
 
 def _scene_masks(side: int, want: int):
     """At least ``want`` ground-truth object masks from generated scenes (bounded: 200 scenes)."""
-    from fastsam_backend.masks import MaskSet
+    from fastsam_backend.core.masks import MaskSet
     from fastsam_backend.quality.scenes import generate_scene
 
     dense = []
@@ -41,7 +41,7 @@ def _model_masks(ctx: Context):
 
 
 def _codec(masks, reps: int) -> dict[str, Any]:
-    from fastsam_backend.codec import decode_entry, encode_entry
+    from fastsam_backend.core.codec import decode_entry, encode_entry
 
     enc, dec, entry = [], [], b""
     for _ in range(reps):

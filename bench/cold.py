@@ -20,7 +20,7 @@ SPEEDUP_TARGET = 15.0  # FastSAM-s cold at 1024 vs the SAM ViT-B encoder
 
 
 def _fastsam(ctx: Context, arch: str, imgsz: int, reps: int, png: bytes) -> dict[str, Any]:
-    from fastsam_backend.codec import encode_entry
+    from fastsam_backend.core.codec import encode_entry
 
     built = model_for(ctx, arch, imgsz)
     seg = segmenter_for(built, imgsz)
@@ -46,7 +46,8 @@ def _fastsam(ctx: Context, arch: str, imgsz: int, reps: int, png: bytes) -> dict
             "total": stats_ms(total),
             "segment_phases": _phases(phases, segment),
             "segment_phases_note": "p50 ms; ultralytics' own split (postprocess = NMS + our per-box mask "
-                                   "decoding, fastsam_backend.boxmasks); rest = Segmenter and predictor overhead"}
+                                   "decoding, fastsam_backend.models.boxmasks); rest = Segmenter and predictor "
+                                   "overhead"}
 
 
 def _phases(phases: dict[str, list[float]], segment: list[float]) -> dict[str, float]:

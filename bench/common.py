@@ -156,7 +156,7 @@ def model_for(ctx: Context, arch: str, imgsz: int):
 
 def segmenter_for(built, imgsz: int, device: str = "auto"):
     """Our ``Segmenter`` over a built checkpoint, with the backend's default thresholds."""
-    from fastsam_backend.segmenter import Segmenter, SegmenterConfig
+    from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig
 
     return Segmenter(SegmenterConfig(weights=str(built.path), model_dir=built.path.parent, device=device,
                                      imgsz=imgsz, conf=CONF, iou=IOU, max_det=MAX_DET, allow_download=False))

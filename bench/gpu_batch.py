@@ -29,8 +29,8 @@ FIRST_SEED = 1_000_900
 
 
 def _run(built, imgsz: int, base: str, warmup: list[str], urls: list[str], batch: int) -> dict[str, Any]:
-    from fastsam_backend.batching import warm_batch
-    from fastsam_backend.service import build_service
+    from fastsam_backend.jobs.batching import warm_batch
+    from fastsam_backend.service.orchestrator import build_service
     from fastsam_backend.settings import load_settings
 
     settings = load_settings(fastsam_weights=str(built.path), model_dir=str(built.path.parent), imgsz=imgsz,

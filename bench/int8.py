@@ -35,7 +35,7 @@ TARGET = mobilesam.COLD_TARGET
 
 
 def _cold(seg, png: bytes, reps: int) -> tuple[dict[str, Any], Any]:
-    from fastsam_backend.codec import encode_entry
+    from fastsam_backend.core.codec import encode_entry
 
     seg.load()
     masks = seg.segment(decode_png(png))  # first call kept out, as in the cold section
@@ -52,7 +52,7 @@ def _cold(seg, png: bytes, reps: int) -> tuple[dict[str, Any], Any]:
 def run(ctx: Context) -> dict[str, Any]:
     if not ctx.mode.onnx_imgsz:
         return {"skipped": f"not run in {ctx.mode.name} mode"}
-    from fastsam_backend.int8 import compare, quantize
+    from fastsam_backend.models.int8 import compare, quantize
 
     quick = ctx.mode.name == "quick"  # CI: keep the section under a minute
     reps = 2 if quick else max(r for arch, size, r in ctx.mode.cold_configs if arch == "s")

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.ls.rle import encode_rle
 from fastsam_backend.quality.lsrequests import brush, captured, keypoint, rectangle  # noqa: F401 - re-exported
-from fastsam_backend.rle import encode_rle
 
 IMAGE_URL = "/data/upload/1/bench-warm.png"
 BRUSH_RLE_INTS = 25_000  # ~100 KB of JSON per brush region

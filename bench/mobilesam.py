@@ -74,7 +74,7 @@ def encoder(ctx: Context, reps: int) -> dict[str, Any]:
 
 def _object_mask(masks, kind: str, coords: list[float]) -> np.ndarray | None:
     """The object a trained model would return for the prompt: ours for it (``(H, W)`` bool)."""
-    from fastsam_backend.selection import select_by_box, select_by_points
+    from fastsam_backend.core.selection import select_by_box, select_by_points
 
     if kind == "click":
         sel = select_by_points(masks, np.array([coords], np.int64), np.ones(1, bool))

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from fastsam_backend.boxmatch import box_box_ious
-from fastsam_backend.masks import crop_iou
+from fastsam_backend.core.boxmatch import box_box_ious
+from fastsam_backend.core.masks import crop_iou
 
 from .cold import ultralytics_speed
 from .common import IOU, MAX_DET, Context, calibration_image, model_for, ratio, segmenter_for, stats_ms, timed
@@ -47,7 +47,7 @@ def _openvino(ctx: Context, built, image, torch_masks, torch_p50_ms: float) -> d
         return {"skipped": "openvino is not installed"}
     from ultralytics import FastSAM
 
-    from fastsam_backend.segmenter import box_mask_predictor
+    from fastsam_backend.models.segmenter import box_mask_predictor
 
     export_s, folder = _export(built.path, ctx.workdir, built.imgsz, fmt="openvino")
     model = FastSAM(str(folder))  # a folder, which our Segmenter does not take: driven as it drives a model

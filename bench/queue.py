@@ -83,7 +83,7 @@ def _bare_forward(ctx: Context, built, pngs: list[bytes], core: int) -> list[flo
 
 def _run(queues, service, urls: list[str]) -> tuple[float, list[float]]:
     """Enqueue warm jobs for ``urls``; (enqueue → all finished seconds, per-job seconds)."""
-    from fastsam_backend.jobs import enqueue_warm
+    from fastsam_backend.jobs.enqueue import enqueue_warm
 
     started = time.perf_counter()
     report = enqueue_warm(queues, service, urls)
@@ -124,8 +124,8 @@ def run(ctx: Context) -> dict[str, Any]:
             "far-on-": [image(200 + i) for i in range(1 + n)], "far-off-": [image(300 + i) for i in range(1 + n)]}
     bare = _bare_forward(ctx, built, [(root / u[1:]).read_bytes() for u in urls["one-"][:4]], cores[0])
 
-    from fastsam_backend.jobs import JobQueues, QueueConfig
-    from fastsam_backend.service import build_service
+    from fastsam_backend.jobs.queues import JobQueues, QueueConfig
+    from fastsam_backend.service.orchestrator import build_service
     from fastsam_backend.settings import load_settings
 
     port = free_port()

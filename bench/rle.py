@@ -38,7 +38,7 @@ def masks(side: int) -> dict[str, np.ndarray]:
 def run(ctx: Context) -> dict[str, Any]:
     from label_studio_sdk.converter.brush import mask2rle
 
-    from fastsam_backend.rle import encode_rle
+    from fastsam_backend.ls.rle import encode_rle
 
     results: dict[str, Any] = {}
     identical_all, speedups = True, []

@@ -30,14 +30,14 @@ from .servers import static_server
 CATEGORIES = (
     ("whole request (Flask wsgi_app)", "flask/app.py", "wsgi_app"),
     ("request body parse (_predict_body)", "fastsam_backend/server.py", "_predict_body"),
-    ("label config parse", "fastsam_backend/labelconfig.py", "parse_label_config"),
-    ("context parse", "fastsam_backend/prompts.py", "parse_context"),
-    ("cache lookup + decode (masks_for)", "fastsam_backend/service.py", "masks_for"),
-    ("selection by point (incl. morphology)", "fastsam_backend/selection.py", "select_by_points"),
-    ("selection by box", "fastsam_backend/selection.py", "select_by_box"),
-    ("morphology (smooth_mask)", "fastsam_backend/selection.py", "smooth_mask"),
-    ("region build (brush_region, incl. RLE)", "fastsam_backend/results.py", "brush_region"),
-    ("RLE encode (encode_rle)", "fastsam_backend/rle.py", "encode_rle"),
+    ("label config parse", "fastsam_backend/ls/labelconfig.py", "parse_label_config"),
+    ("context parse", "fastsam_backend/ls/prompts.py", "parse_context"),
+    ("cache lookup + decode (masks_for)", "fastsam_backend/service/orchestrator.py", "masks_for"),
+    ("selection by point (incl. morphology)", "fastsam_backend/core/selection.py", "select_by_points"),
+    ("selection by box", "fastsam_backend/core/selection.py", "select_by_box"),
+    ("morphology (smooth_mask)", "fastsam_backend/core/morphology.py", "smooth_mask"),
+    ("region build (brush_region, incl. RLE)", "fastsam_backend/ls/regions.py", "brush_region"),
+    ("RLE encode (encode_rle)", "fastsam_backend/ls/rle.py", "encode_rle"),
     ("response JSON encode (jsonify)", "flask/json/provider.py", "response"),
     ("metrics (prometheus)", "prometheus_client/metrics.py", "observe"),
 )
@@ -56,11 +56,11 @@ def _app(ctx: Context, inputs: dict[str, Any], ls_base: str):
 
 def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
     """Each step of a click on its own, through the public functions the service composes."""
-    from fastsam_backend.morphology import smooth_mask
-    from fastsam_backend.prompts import parse_context
-    from fastsam_backend.protocol import decode_predict
-    from fastsam_backend.rle import encode_rle
-    from fastsam_backend.selection import select_by_box, select_by_points
+    from fastsam_backend.core.morphology import smooth_mask
+    from fastsam_backend.core.selection import select_by_box, select_by_points
+    from fastsam_backend.ls.prompts import parse_context
+    from fastsam_backend.ls.protocol import decode_predict
+    from fastsam_backend.ls.rle import encode_rle
 
     rule, morphology = service.settings.point_rule, service.settings.morphology
     parse, lookup, select, morph, rle, dump = [], [], [], [], [], []
@@ -109,7 +109,7 @@ def _json_parsers(body: bytes, reps: int = 5) -> dict[str, Any]:
             continue
         loads = module.decode if name == "msgspec.json" else module.loads
         out[name] = stats_ms([timed(lambda loads=loads: loads(body))[0] for _ in range(reps)])
-    from fastsam_backend.protocol import decode_predict
+    from fastsam_backend.ls.protocol import decode_predict
 
     out["msgspec.json, typed (the server's: skips task annotations)"] = stats_ms(
         [timed(lambda: decode_predict(body))[0] for _ in range(reps)])

@@ -1,3 +1,3 @@
-from .cli import main
+from fastsam_backend.cli import main
 
 main()

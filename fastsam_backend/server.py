@@ -19,21 +19,23 @@ from flask.json.provider import DefaultJSONProvider
 from redis import RedisError
 from werkzeug.exceptions import HTTPException
 
-from . import metrics
-from .annotations import ANNOTATION_EVENTS
-from .errors import BackendError, BadRequest
-from .jobs import JobQueues, JobsCollector, QueueConfig, warm_new_tasks
-from .learn_jobs import LearnDispatch
-from .protocol import NOT_A_JSON_OBJECT, decode_predict, decode_setup
-from .service import FastSAMService, build_service
-from .settings import Settings, load_settings
+from fastsam_backend import metrics
+from fastsam_backend.errors import BackendError, BadRequest
+from fastsam_backend.jobs.collector import JobsCollector
+from fastsam_backend.jobs.enqueue import warm_new_tasks
+from fastsam_backend.jobs.learn import LearnDispatch
+from fastsam_backend.jobs.queues import JobQueues, QueueConfig
+from fastsam_backend.ls.annotations import ANNOTATION_EVENTS
+from fastsam_backend.ls.protocol import NOT_A_JSON_OBJECT, decode_predict, decode_setup
+from fastsam_backend.service.orchestrator import FastSAMService, build_service
+from fastsam_backend.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "FastSAMBackend"
 TASKS_CREATED = "TASKS_CREATED"  # enqueues warm jobs for the new tasks' images (README: Scaling out)
 TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-                "ANNOTATION_DELETED", "START_TRAINING"}  # annotation events teach labels (learning.py, learn_jobs.py)
+                "ANNOTATION_DELETED", "START_TRAINING"}  # annotations teach labels (jobs/learn.py)
 UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials
 
 

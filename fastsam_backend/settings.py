@@ -123,7 +123,7 @@ class Settings(BaseSettings):
         "job queues (no REDIS_URL); one more is answered 503"
     )
 
-    # --- FastSAM fine-tuning (fastsam_backend/finetune.py, finetune_job.py) --------
+    # --- FastSAM fine-tuning (fastsam_backend/finetune/, jobs/train.py) --------
     finetune_enabled: bool = Field(False, description="allow `train` jobs (each project still opts in)")
     finetune_epochs: int = Field(3, ge=1, le=100, description="training epochs of one train job")
     finetune_imgsz: int = Field(640, ge=32, le=4096, description="training image size")
@@ -138,7 +138,7 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(24 * 3600, ge=0, description="0 = no expiry")
     cache_max_bytes: int = Field(512 * 1024 * 1024, ge=0, description="embedded cache bound")
 
-    # --- background jobs (RQ workers; see fastsam_backend/jobs.py) -------------------
+    # --- background jobs (RQ workers; see fastsam_backend/jobs/) -------------------
     queue_redis_url: str | None = Field(
         None, description="Redis of the job queues; unset = REDIS_URL (the cache's own Redis)"
     )
@@ -233,7 +233,7 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_allow_list(cls, value: str | None) -> str | None:
         """A typo in the allow-list fails at start-up, naming the entry, not on the first image."""
-        from .outbound import AllowList  # imported here: settings stays importable on its own
+        from fastsam_backend.outbound import AllowList  # imported here: settings stays importable on its own
 
         if value is not None and value.strip():
             AllowList.parse(value)

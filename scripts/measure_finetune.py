@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsam_backend.finetune import Sample, decide, evaluate, train  # noqa: E402
+from fastsam_backend.finetune.training import Sample, decide, evaluate, train  # noqa: E402
 from fastsam_backend.quality.scenes import generate_scene  # noqa: E402
 
 NEW_SEED0, HELD_SEED0, ORDINARY_HELD0 = 7_100_000, 7_900_000, 1_000_000

@@ -66,15 +66,15 @@ os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics is imported: no
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fastsam_backend.quality.hardscenes import generate_hard_scene  # noqa: E402
-from fastsam_backend.quality.scenes import generate_scene  # noqa: E402
-from fastsam_backend.quality.yolo_dataset import (  # noqa: E402
+from fastsam_backend.finetune.dataset import (  # noqa: E402
     offline_ultralytics,
     set_names,
     split_dirs,
     write_example,
     write_yaml,
 )
+from fastsam_backend.quality.hardscenes import generate_hard_scene  # noqa: E402
+from fastsam_backend.quality.scenes import generate_scene  # noqa: E402
 
 TRAIN_SEED0 = 0
 VAL_SEED0 = 500_000

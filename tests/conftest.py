@@ -92,7 +92,8 @@ def _loopback_only(monkeypatch):
     refused them before; this is the net under it)."""
     import ipaddress
 
-    from fastsam_backend import download, outbound
+    from fastsam_backend import outbound
+    from fastsam_backend.images import download
 
     real_connect, real_resolve = download._connect, outbound.system_resolve
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastsam_backend.quality.evaluation import (
-    click_points,
-    iou,  # noqa: F401 - re-exported for the tests
-)
+from fastsam_backend.core.geometry import click_points
+from fastsam_backend.quality.evaluation import iou  # noqa: F401 - re-exported for the tests
 from fastsam_backend.quality.lsrequests import (  # noqa: F401 - re-exported for the tests
     LABEL_CONFIG,
     captured,

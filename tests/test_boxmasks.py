@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastsam_backend.boxmasks import _resize_geometry, decode_box_masks, resize_matrices
+from fastsam_backend.models.boxmasks import _resize_geometry, decode_box_masks, resize_matrices
+from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig, masks_from_result
 from fastsam_backend.quality.scenes import generate_scene
-from fastsam_backend.segmenter import Segmenter, SegmenterConfig, masks_from_result
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 
 pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`

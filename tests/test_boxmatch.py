@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastsam_backend.boxmatch import box_box_ious, box_ious, match_box
-from fastsam_backend.masks import MaskSet
-from fastsam_backend.selection import select_by_box
+from fastsam_backend.core.boxmatch import box_box_ious, box_ious, match_box
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.core.selection import select_by_box
 from fastsam_backend.settings import BoxRule
 
 H, W = 60, 60

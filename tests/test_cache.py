@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import redis
 
-from fastsam_backend.cache import EmbeddedCache, RedisCache, make_cache
-from fastsam_backend.codec import SCHEMA_VERSION, decode_entry, encode_entry
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.cache.backends import EmbeddedCache, RedisCache, make_cache
+from fastsam_backend.cache.store import EMBEDDINGS, ImageKey, MaskStore, cache_key
+from fastsam_backend.core.codec import SCHEMA_VERSION, decode_entry, encode_entry
+from fastsam_backend.core.masks import MaskSet
 from fastsam_backend.quality.net import free_port
-from fastsam_backend.store import EMBEDDINGS, ImageKey, MaskStore, cache_key
 from tests.conftest import OwnRedis
 
 LOGGER = "fastsam_backend"  # the caches and the store

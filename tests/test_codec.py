@@ -1,4 +1,4 @@
-"""Round trips and corruption handling of ``fastsam_backend.codec``."""
+"""Round trips and corruption handling of ``fastsam_backend.core.codec``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import zlib
 import numpy as np
 import pytest
 
-from fastsam_backend import codec
-from fastsam_backend.codec import CorruptEntry, decode_entry, decode_maskset, encode_entry, encode_maskset
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.core import codec
+from fastsam_backend.core.codec import CorruptEntry, decode_entry, decode_maskset, encode_entry, encode_maskset
+from fastsam_backend.core.masks import MaskSet
 
 
 def ellipses(n: int, h: int, w: int, seed: int = 0) -> MaskSet:

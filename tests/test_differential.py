@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fastsam_backend.core.selection import box_ious, select_by_box, select_by_points
+from fastsam_backend.models.segmenter import masks_from_result
 from fastsam_backend.quality.scenes import generate_scene
-from fastsam_backend.segmenter import masks_from_result
-from fastsam_backend.selection import box_ious, select_by_box, select_by_points
 from fastsam_backend.settings import BoxRule, PointRule
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 from tests.helpers import interior_point, iou

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastsam_backend.finetune import Decision, Figures, decide, split
+from fastsam_backend.finetune.training import Decision, Figures, decide, split
 
 STAGE2_COMMIT = "281fa9e"  # the last commit whose fixture is the stage-2 checkpoint
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def stage2_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def heldout_scenes():
-    from fastsam_backend.finetune import Sample
+    from fastsam_backend.finetune.training import Sample
     from fastsam_backend.quality.scenes import generate_scene
 
     scenes = [generate_scene(1_000_000 + i) for i in range(8)]  # held-out seeds: neither stage trained on them
@@ -69,7 +69,7 @@ def heldout_scenes():
 @pytest.mark.model
 def test_the_stage3_fixture_is_adopted_over_stage2_and_not_the_other_way(stage2_checkpoint, heldout_scenes,
                                                                          fastsam_weights):
-    from fastsam_backend.finetune import evaluate
+    from fastsam_backend.finetune.training import evaluate
 
     stage2 = evaluate(stage2_checkpoint, heldout_scenes)
     stage3 = evaluate(fastsam_weights, heldout_scenes)
@@ -86,7 +86,7 @@ def test_the_stage3_fixture_is_adopted_over_stage2_and_not_the_other_way(stage2_
 
 @pytest.fixture(scope="module")
 def tiny_scenes():
-    from fastsam_backend.finetune import Sample
+    from fastsam_backend.finetune.training import Sample
     from fastsam_backend.quality.scenes import generate_scene
 
     scenes = [generate_scene(2_000 + i, 160 + 32 * (i % 3)) for i in range(8)]  # 160-224 px
@@ -96,7 +96,7 @@ def tiny_scenes():
 @pytest.mark.model
 @pytest.mark.slow
 def test_one_epoch_writes_a_checkpoint_the_segmenter_loads_and_segments_with(tmp_path, tiny_scenes, fastsam_weights):
-    from fastsam_backend.finetune import segmenter_for, train
+    from fastsam_backend.finetune.training import segmenter_for, train
 
     out = train(fastsam_weights, tiny_scenes[:6], tmp_path, epochs=1, imgsz=160, batch=4,
                 val_samples=tiny_scenes[6:])
@@ -109,36 +109,37 @@ def test_one_epoch_writes_a_checkpoint_the_segmenter_loads_and_segments_with(tmp
 
 
 def test_the_train_kind_has_its_own_queue_and_is_not_taken_by_default_workers():
-    from fastsam_backend.cli_jobs import KINDS
-    from fastsam_backend.jobs import JobKind, QueueConfig
+    from fastsam_backend.cli.jobs import KINDS
+    from fastsam_backend.jobs.queues import JobKind, QueueConfig
 
     assert QueueConfig("redis://unused", prefix="p-").queue_name(JobKind.TRAIN) == "p-train"
     assert "train" not in KINDS  # a worker trains only when started with `-q train`
 
 
 def test_a_train_job_is_refused_while_fine_tuning_is_off(make_settings):
-    from fastsam_backend import jobs
-    from fastsam_backend.finetune_job import train_project
-    from fastsam_backend.service import build_service
+    from fastsam_backend.jobs import functions, queues
+    from fastsam_backend.jobs.train import train_project
+    from fastsam_backend.service.orchestrator import build_service
 
-    jobs.install_service(build_service(make_settings(clip_enabled=False)))
+    functions.install_service(build_service(make_settings(clip_enabled=False)))
     try:
-        with pytest.raises(jobs.JobRefused, match="FINETUNE_ENABLED"):
+        with pytest.raises(queues.JobRefused, match="FINETUNE_ENABLED"):
             train_project(1)
     finally:
-        jobs._PROCESS.clear()
+        functions._PROCESS.clear()
 
 
 @pytest.mark.model
 @pytest.mark.slow
 def test_the_train_job_gathers_ls_masks_trains_decides_and_records_json_in_redis(
         own_redis, make_settings, tmp_path, tiny_scenes, fastsam_weights):
-    from fastsam_backend import jobs
-    from fastsam_backend.finetune_job import FineTuneRecord, enqueue_train, records_for, train_project
-    from fastsam_backend.jobs import JobQueues, QueueConfig
+    from fastsam_backend.finetune.records import FineTuneRecord, records_for
+    from fastsam_backend.jobs import functions
+    from fastsam_backend.jobs.queues import JobKind, JobQueues, QueueConfig
+    from fastsam_backend.jobs.train import enqueue_train, train_project
     from fastsam_backend.quality.fakels import FakeLabelStudio, serve
     from fastsam_backend.quality.lsrequests import brush
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
     from tests.helpers import LABEL_CONFIG, png_bytes
 
     token = "f" * 40
@@ -157,11 +158,11 @@ def test_the_train_job_gathers_ls_masks_trains_decides_and_records_json_in_redis
                              label_studio_api_key=token, model_dir=models, fastsam_weights=str(fastsam_weights),
                              finetune_enabled=True, finetune_epochs=1, finetune_imgsz=160, finetune_min_heldout=5,
                              imgsz=160, batch_time_budget_s=0)
-    jobs.install_service(build_service(settings))
+    functions.install_service(build_service(settings))
     try:
         result = train_project(1)
     finally:
-        jobs._PROCESS.clear()
+        functions._PROCESS.clear()
         server.shutdown()
     record = FineTuneRecord.from_dict(json.loads(json.dumps(result)))
     assert record.train_tasks + record.heldout_tasks == len(tiny_scenes)
@@ -184,7 +185,7 @@ def test_the_train_job_gathers_ls_masks_trains_decides_and_records_json_in_redis
     queues = JobQueues(config)
     assert enqueue_train(queues, 1) == ("ftest-train-1", True)
     assert enqueue_train(queues, 1) == ("ftest-train-1", False)
-    assert queues.queues[jobs.JobKind.TRAIN].job_ids == ["ftest-train-1"]
+    assert queues.queues[JobKind.TRAIN].job_ids == ["ftest-train-1"]
 
 
 @pytest.mark.model
@@ -192,11 +193,11 @@ def test_a_project_with_an_adopted_checkpoint_gets_its_own_segmenter_version_and
         make_settings, stage2_checkpoint, tmp_path):
     import shutil
 
-    from fastsam_backend.finetune_job import FineTuneRecord, Records
+    from fastsam_backend.finetune.records import FineTuneRecord, Records
     from fastsam_backend.quality.lsrequests import data_uri
     from fastsam_backend.quality.scenes import generate_scene
     from fastsam_backend.server import create_app
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
 
     Records._memory.clear()
     tuned_path = tmp_path / "finetuned-abc.pt"
@@ -232,7 +233,7 @@ def test_a_project_with_an_adopted_checkpoint_gets_its_own_segmenter_version_and
 
 
 def _predict_request(tasks, project):
-    from fastsam_backend.protocol import predict_request
+    from fastsam_backend.ls.protocol import predict_request
     from tests.helpers import LABEL_CONFIG
 
     return predict_request(tasks, None, LABEL_CONFIG, project)

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastsam_backend.clip_scorer import ClipConfig, ClipScorer
+from fastsam_backend.models.clip import ClipConfig, ClipScorer
+from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig
 from fastsam_backend.quality.scenes import generate_scene
-from fastsam_backend.segmenter import Segmenter, SegmenterConfig
 
 pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
 

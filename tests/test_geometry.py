@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from fastsam_backend.geometry import FEATURES, N_FEATURES, mask_geometry
-from fastsam_backend.label_model import Example, LabelModel, choose_learned
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.core.geometry import FEATURES, N_FEATURES, mask_geometry
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.labels.label_model import Example, LabelModel, choose_learned
 
 SIZE = (96, 96)
 

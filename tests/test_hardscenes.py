@@ -77,7 +77,7 @@ def test_every_case_occurs_and_objects_are_what_their_case_says(scenes):
 @pytest.fixture(scope="module")
 def comparison(make_settings):
     from fastsam_backend.quality.comparison import compare_rules
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
 
     service = build_service(make_settings(clip_enabled=False))
     result = compare_rules(service, held_out_hard_seeds(8), generate_hard_scene, clicks_per_object=1)

@@ -17,7 +17,7 @@ import pytest
 from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.server import create_app
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 from tests.helpers import LABEL_CONFIG, png_bytes
 
 DEEP = 10_000

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastsam_backend import download
 from fastsam_backend.errors import BadRequest, ImageError
-from fastsam_backend.images import ImageLoader, ImageSourceConfig
+from fastsam_backend.images import download
+from fastsam_backend.images.loader import ImageLoader, ImageSourceConfig
 from fastsam_backend.outbound import AllowList, OutboundRefused
 
 TIMEOUT_S = 0.5  # the drip and stall cases wait this long: short keeps the fast lane fast
@@ -633,9 +633,9 @@ def test_local_files_battery(doc_root, url, error):
 
 def test_a_symlink_swapped_in_after_the_check_is_still_refused(doc_root, monkeypatch):
     """The open descriptor is checked again: a link changed between check and open reads nothing."""
-    from fastsam_backend import images
+    from fastsam_backend.images.loader import ImageLoader
 
-    monkeypatch.setattr(images.ImageLoader, "_under_root", lambda self, p: (Path("escape-link.png"), True))
+    monkeypatch.setattr(ImageLoader, "_under_root", lambda self, p: (Path("escape-link.png"), True))
     with pytest.raises(BadRequest, match="outside LOCAL_FILES_DOCUMENT_ROOT"):
         loader(document_root=doc_root).load("/data/local-files/?d=escape-link.png")
 

@@ -1,4 +1,4 @@
-"""``fastsam_backend.images``: fetching (HTTP, LS auth, data URIs, local files) and decoding.
+"""``fastsam_backend.images.loader``: fetching (HTTP, LS auth, data URIs, local files) and decoding.
 
 Every HTTP request goes to servers on 127.0.0.1 started here.
 """
@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from fastsam_backend.errors import BadRequest, ImageError
-from fastsam_backend.images import ImageLoader, ImageSourceConfig
+from fastsam_backend.images.loader import ImageLoader, ImageSourceConfig
 from fastsam_backend.outbound import AllowList
 from tests.conftest import TEST_OUTBOUND_ALLOW
 

@@ -11,13 +11,13 @@ import shutil
 import numpy as np
 import pytest
 
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig, onnx_fixed_imgsz
 from fastsam_backend.quality.scenes import generate_scene
-from fastsam_backend.segmenter import Segmenter, SegmenterConfig, onnx_fixed_imgsz
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 
 onnx = pytest.importorskip("onnx")  # exporting needs onnx + onnxslim (requirements-dev.txt)
-from fastsam_backend.int8 import compare, head_nodes, match, quantize  # noqa: E402
+from fastsam_backend.models.int8 import compare, head_nodes, match, quantize  # noqa: E402
 
 
 def _set(boxes, size=(8, 8)):

@@ -14,16 +14,17 @@ import time
 
 import pytest
 
-from fastsam_backend import jobs
-from fastsam_backend.jobs import JobKind, JobQueues, QueueConfig, enqueue_warm, warm_job_id
-from fastsam_backend.lsproject import ProjectClient
-from fastsam_backend.preannotate import StopFlag, run_in_process
+from fastsam_backend.jobs import enqueue, functions
+from fastsam_backend.jobs.enqueue import enqueue_warm, warm_job_id
+from fastsam_backend.jobs.preannotate_project import StopFlag, run_in_process
+from fastsam_backend.jobs.queues import JobKind, JobQueues, QueueConfig
+from fastsam_backend.jobs.worker import make_worker
+from fastsam_backend.ls.project import ProjectClient
 from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.fakels import FakeLabelStudio, serve
 from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.server import create_app
-from fastsam_backend.service import build_service
-from fastsam_backend.worker import make_worker
+from fastsam_backend.service.orchestrator import build_service
 from tests.helpers import LABEL_CONFIG, interior_point, keypoint, png_bytes
 
 TOKEN = "f" * 40
@@ -55,7 +56,7 @@ def make_service(make_settings):
         return service
 
     yield make
-    jobs._PROCESS.clear()
+    functions._PROCESS.clear()
 
 
 def run_jobs(config: QueueConfig, queues: JobQueues) -> None:
@@ -74,7 +75,7 @@ def test_job_ids_come_from_what_the_enqueuer_knows():
     assert warm_job_id(config, "/a.png", model) == warm_job_id(config, "/a.png", model)
     assert warm_job_id(config, "/a.png", model) != warm_job_id(config, "/b.png", model)
     assert warm_job_id(config, "/a.png", model) != warm_job_id(config, "/a.png", ["fastsam-s", {"imgsz": 640}, None])
-    pre = jobs.preannotate_job_id
+    pre = enqueue.preannotate_job_id
     assert pre(config, "http://ls/", 7, "v1") == pre(config, "http://ls", 7, "v1")
     assert pre(config, "http://ls", 7, "v1") != pre(config, "http://ls", 7, "v2")
 
@@ -82,7 +83,7 @@ def test_job_ids_come_from_what_the_enqueuer_knows():
 def test_a_job_enqueued_twice_runs_once_then_a_cached_image_is_skipped(own_redis, fake_ls, make_service):
     _, ls_url = fake_ls
     service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN)
-    jobs.install_service(service)
+    functions.install_service(service)
     config = QueueConfig.from_settings(service.settings)
     queues = JobQueues(config)
     first = enqueue_warm(queues, service, ["/data/upload/1/s0.png"])
@@ -101,7 +102,7 @@ def test_failures_are_retried_then_show_in_the_failed_registry(own_redis, fake_l
     _, ls_url = fake_ls
     service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN,
                            job_retry_intervals="0")
-    jobs.install_service(service)
+    functions.install_service(service)
     config = QueueConfig.from_settings(service.settings)
     queues = JobQueues(config)
     missing = enqueue_warm(queues, service, ["/data/upload/1/missing.png"])  # 404: retried, then failed
@@ -115,7 +116,7 @@ def test_failures_are_retried_then_show_in_the_failed_registry(own_redis, fake_l
     assert FailedJobRegistry(config.queue_name(JobKind.WARM), connection=queues.connection).count == 1
 
     # a job no retry can help (a worker whose settings differ from the enqueuer's) fails at once
-    refused = jobs.enqueue_preannotate(queues, ls_url, 1, [1], "another-model-version")
+    refused = enqueue.enqueue_preannotate(queues, ls_url, 1, [1], "another-model-version")
     run_jobs(config, queues)
     [state] = queues.states(refused.job_ids)
     assert state.status == "failed" and "JobRefused" in state.reason and "another-model-version" in state.reason
@@ -141,7 +142,7 @@ def test_tasks_created_webhook_enqueues_warm_jobs_and_metrics_show_them(own_redi
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 201
     assert client.post("/webhook", json={"action": "PROJECT_UPDATED"}).json == {"status": "Unknown event"}
 
-    jobs.install_service(service)
+    functions.install_service(service)
     run_jobs(QueueConfig.from_settings(service.settings), JobQueues(QueueConfig.from_settings(service.settings)))
     text = client.get("/metrics").text
     assert 'fastsam_jobs{queue="fastsam-warm",state="finished"} 3.0' in text
@@ -171,8 +172,8 @@ def test_a_cold_click_waits_for_the_running_warm_job(own_redis, fake_ls, make_se
         return real_segment(pixels)
 
     worker_side.segmenter.segment = slow_segment
-    jobs.install_service(worker_side)
-    job = threading.Thread(target=jobs.warm_image, args=("/data/upload/1/s1.png",))
+    functions.install_service(worker_side)
+    job = threading.Thread(target=functions.warm_image, args=("/data/upload/1/s1.png",))
     job.start()
     assert segmenting.wait(10)
     scene = SCENES[1]
@@ -225,3 +226,24 @@ def test_preannotate_resumes_after_a_stop_with_one_prediction_per_task(fake_ls, 
     version = service.model_version
     assert {p["model_version"] for p in fake.predictions} == {version}
     assert all(p["result"] for p in fake.predictions)  # every scene has objects: every prediction has regions
+
+
+def test_jobs_queued_under_an_earlier_release_s_dotted_paths_still_run(own_redis, fake_ls, make_service):
+    """RQ stored each job's function path in Redis before the package was split (issue #22): those
+    jobs must run after an upgrade (a refused learn/train job proves its function was found)."""
+    _, ls_url = fake_ls
+    service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN,
+                           job_retries=0)
+    functions.install_service(service)
+    config = QueueConfig.from_settings(service.settings)
+    queues = JobQueues(config)
+    queues.enqueue(JobKind.WARM, "fastsam_backend.jobs.warm_image", ["/data/upload/1/s1.png"], "old-warm", "old")
+    queues.enqueue(JobKind.LEARN, "fastsam_backend.learn_jobs.learn_event", ["ANNOTATION_CREATED", {}], "old-learn",
+                   "old")
+    queues.enqueue(JobKind.TRAIN, "fastsam_backend.finetune_job.train_project", [1], "old-train", "old")
+    run_jobs(config, queues)
+    warm, learn, train = queues.states(["old-warm", "old-learn", "old-train"])
+    assert warm.status == "finished" and warm.result["outcome"] == "computed"
+    assert service.segmenter.calls == 1
+    assert learn.status == "failed" and "JobRefused: this worker cannot learn labels" in learn.reason
+    assert train.status == "failed" and "JobRefused: fine-tuning is off" in train.reason

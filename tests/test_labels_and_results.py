@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 
+from fastsam_backend.core.selection import names_several, select_by_text
 from fastsam_backend.errors import BadRequest
-from fastsam_backend.labelconfig import parse_label_config
-from fastsam_backend.regions import brush_region, mask_polygons, regions_for
-from fastsam_backend.selection import names_several, select_by_text
-from fastsam_backend.zero_shot import LabelPhrases, label_named_in, zero_shot
+from fastsam_backend.labels.zero_shot import LabelPhrases, label_named_in, zero_shot
+from fastsam_backend.ls.labelconfig import parse_label_config
+from fastsam_backend.ls.regions import brush_region, mask_polygons, regions_for
 from tests.helpers import LABEL_CONFIG, iou
 
 FULL_CONFIG = """<View>
@@ -137,8 +137,8 @@ def test_ring_polygon_is_its_outline():
 
 
 def test_whitened_square_crop():
-    from fastsam_backend.clip_scorer import whitened_square_crop
-    from fastsam_backend.masks import MaskSet
+    from fastsam_backend.core.masks import MaskSet
+    from fastsam_backend.models.clip import whitened_square_crop
 
     image = np.zeros((20, 30, 3), np.uint8)
     image[:] = (10, 20, 30)

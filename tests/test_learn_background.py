@@ -18,18 +18,18 @@ import time
 import numpy as np
 import pytest
 
-from fastsam_backend import jobs
-from fastsam_backend.annotations import parse_event
-from fastsam_backend.example_store import AnnotationExamples, RedisExamples
-from fastsam_backend.label_model import Example
-from fastsam_backend.learn_jobs import event_key, slim_event
-from fastsam_backend.learning import LearnConfig, Learner
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.jobs import functions
+from fastsam_backend.jobs.learn import event_key, slim_event
+from fastsam_backend.labels.example_store import AnnotationExamples, RedisExamples
+from fastsam_backend.labels.label_model import Example
+from fastsam_backend.ls.annotations import parse_event
 from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.labels_learned import example_events
 from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.server import create_app
-from fastsam_backend.service import build_service
+from fastsam_backend.service.learning import LearnConfig, Learner
+from fastsam_backend.service.orchestrator import build_service
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
 
 PROJECT = "77"
@@ -94,7 +94,7 @@ def learning_app(make_settings):
     yield make
     for segmenter in made:
         segmenter.release.set()
-    jobs._PROCESS.clear()
+    functions._PROCESS.clear()
 
 
 def wait_until(check, timeout_s: float = 60.0):
@@ -242,7 +242,7 @@ def test_a_warm_click_reads_no_revision_and_another_process_is_seen_after_the_re
 @pytest.mark.slow
 @pytest.mark.model
 def test_a_learn_job_runs_on_a_worker_process_once(make_settings, fastsam_weights, own_redis, tmp_path):
-    from fastsam_backend.jobs import JobQueues, QueueConfig
+    from fastsam_backend.jobs.queues import JobQueues, QueueConfig
     from fastsam_backend.quality import lsrequests
     from tests.test_workers import REPO, log_tail, start, stop
 
@@ -283,7 +283,7 @@ def test_a_learn_job_runs_on_a_worker_process_once(make_settings, fastsam_weight
 
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_a_buried_annotation_is_not_stored_again(kind, request):
-    from fastsam_backend.example_store import MemoryExamples
+    from fastsam_backend.labels.example_store import MemoryExamples
 
     store = MemoryExamples() if kind == "memory" else RedisExamples(request.getfixturevalue("own_redis").raw(), "t:")
     item = AnnotationExamples("1", "7", "colour-clip", (Example("a", np.float32([1, 0, 0])),))

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastsam_backend.annotations import parse_event, region_mask
 from fastsam_backend.errors import BadRequest
-from fastsam_backend.example_store import AnnotationExamples, MemoryExamples, RedisExamples
-from fastsam_backend.label_model import Example, LabelModel, choose_learned
-from fastsam_backend.zero_shot import LabelChoice
+from fastsam_backend.labels.example_store import AnnotationExamples, MemoryExamples, RedisExamples
+from fastsam_backend.labels.label_model import Example, LabelModel, choose_learned
+from fastsam_backend.labels.zero_shot import LabelChoice
+from fastsam_backend.ls.annotations import parse_event, region_mask
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
 
 WEBHOOKS = Path(__file__).parent / "fixtures" / "ls-webhooks"
@@ -111,8 +111,8 @@ def test_store_keys_examples_per_annotation_so_deletions_remove_exactly_theirs(k
 def test_redis_keeps_geometry_and_reads_older_entries_without_it(own_redis):
     import json as _json
 
-    from fastsam_backend.codec import encode_arrays
-    from fastsam_backend.geometry import GEOMETRY_VERSION, N_FEATURES
+    from fastsam_backend.core.codec import encode_arrays
+    from fastsam_backend.core.geometry import GEOMETRY_VERSION, N_FEATURES
 
     client = own_redis.raw()
     store = RedisExamples(client, "g:")
@@ -154,7 +154,7 @@ for body in example_events("41", 1)[:2]:
 def test_examples_persist_in_redis_and_are_shared_with_another_process(make_settings, fastsam_weights, own_redis):
     """A worker process learns from two annotations; this process (a replica, or the same backend
     after a restart) serves the same model and version; a deletion here reaches the store."""
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
 
     env = dict(fastsam_weights=str(fastsam_weights), imgsz=FIXTURE_IMGSZ, conf=FIXTURE_CONF, iou=0.7,
                allow_download=False, redis_url=own_redis.url, cache_prefix="learn-test:", load_on_start=False,
@@ -170,7 +170,7 @@ def test_examples_persist_in_redis_and_are_shared_with_another_process(make_sett
     assert model is not None and {lab: model.count(lab) for lab in model.labels} == child[-1]["examples_per_label"]
     options = service.options_for("41")
     assert service.version_for(options, model).endswith("+" + model.version_tag)
-    from fastsam_backend.protocol import SetupRequest
+    from fastsam_backend.ls.protocol import SetupRequest
 
     # /setup gives LS the version the project's predictions carry (else LS would re-predict every task)
     assert service.setup(SetupRequest("41.1700000000")) == service.version_for(service.options_for("41"), model)
@@ -225,7 +225,7 @@ def test_learned_labels_against_zero_shot(make_settings):
     geometry beside CLIP, 3 and 10 examples clearly beat zero-shot (measured 0.60 → 0.75 and 0.81 on
     these scenes; CLIP prototypes alone were 0.62 and 0.68 on 40 scenes)."""
     from fastsam_backend.quality.labels_learned import examples_table
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
 
     service = build_service(_settings(make_settings, learn_min_examples=1))
     rows = {r.examples_per_label: r for r in examples_table(service, (0, 3, 10), scenes=BAR_SCENES)}
@@ -239,7 +239,7 @@ def test_learned_labels_against_zero_shot(make_settings):
 @pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture models (README: 0.74 at 3)")
 def test_issue_bar_three_examples_per_label(make_settings):
     from fastsam_backend.quality.labels_learned import examples_table
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
 
     service = build_service(_settings(make_settings, learn_min_examples=1))
     zero, three = examples_table(service, (0, 3), scenes=BAR_SCENES)
@@ -251,12 +251,12 @@ def test_issue_bar_three_examples_per_label(make_settings):
 def test_a_click_without_a_label_gets_the_learned_label_of_its_mask(make_settings):
     """Interactive answers: a keypoint carrying no label is answered with its mask's learned label
     (without examples: the tag's first label, as before)."""
-    from fastsam_backend.protocol import SetupRequest, predict_request
+    from fastsam_backend.core.geometry import click_points
+    from fastsam_backend.ls.protocol import SetupRequest, predict_request
     from fastsam_backend.quality import lsrequests
-    from fastsam_backend.quality.evaluation import click_points
     from fastsam_backend.quality.labels_learned import LABEL_CONFIG, example_events
     from fastsam_backend.quality.scenes import SHAPES, generate_scene
-    from fastsam_backend.service import build_service
+    from fastsam_backend.service.orchestrator import build_service
 
     config = LABEL_CONFIG.replace("</View>", '<KeyPointLabels name="kp" toName="image" smart="true">'
                                   '<Label value="circle"/></KeyPointLabels></View>')
@@ -279,7 +279,7 @@ def test_a_click_without_a_label_gets_the_learned_label_of_its_mask(make_setting
             (pred,) = service.predict(predict_request([task], {"result": [click]}, config, project))
             labels[project, obj.shape] = pred["result"][0]["value"]["brushlabels"][0] if pred["result"] else None
         found = service.masks_for(task["data"]["image"])
-        from fastsam_backend.selection import select_by_points
+        from fastsam_backend.core.selection import select_by_points
 
         options = service.options_for("taught")
         sel = select_by_points(found.masks, np.array([[x, y]]), np.array([True]), rule=options.point_rule,

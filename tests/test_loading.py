@@ -15,7 +15,7 @@ import pytest
 from fastsam_backend.errors import ModelUnavailable
 from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.server import create_app
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 
 
 @pytest.fixture()
@@ -45,7 +45,7 @@ def test_with_downloads_off_nothing_is_contacted_and_clip_says_which_setting(mak
 
 
 def test_with_downloads_on_an_unreachable_hub_fails_within_the_deadline(make_settings, monkeypatch):
-    from fastsam_backend import reach
+    from fastsam_backend.models import reach
 
     monkeypatch.setattr(reach, "REACH_DEADLINE_S", 1.0)
     probed: list[str] = []

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fastsam_backend.masks import MaskSet
+from fastsam_backend.core.masks import MaskSet
 
 
 def dense(*rects, size=(8, 10)):

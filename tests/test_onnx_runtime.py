@@ -8,8 +8,8 @@ import pytest
 
 from bench.onnx import agreement
 from fastsam_backend.errors import ModelUnavailable
+from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig, onnx_fixed_imgsz
 from fastsam_backend.quality.scenes import generate_scene
-from fastsam_backend.segmenter import Segmenter, SegmenterConfig, onnx_fixed_imgsz
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ
 
 pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from fastsam_backend.polygons import PolygonStyle, mask_outlines, outlines_mask
-from fastsam_backend.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.polygons import PolygonStyle, mask_outlines, outlines_mask
+from fastsam_backend.ls.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.rle import decode_rle
 from fastsam_backend.quality import lsrequests
 from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.hardscenes import dev_seeds, generate_hard_scene
-from fastsam_backend.rle import decode_rle
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 from fastsam_backend.settings import BoxRule, InteractiveOutput
 from tests.helpers import interior_point, iou
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import signal
 
-from fastsam_backend import jobs
-from fastsam_backend.batching import warm_batch
-from fastsam_backend.jobs import JobKind, JobQueues, QueueConfig, enqueue_warm
-from fastsam_backend.prefetch import PrefetchingLoader
-from fastsam_backend.worker import RESCUE_AFTER_S, Maintenance, make_worker
+from fastsam_backend.jobs import functions
+from fastsam_backend.jobs.batching import warm_batch
+from fastsam_backend.jobs.enqueue import enqueue_warm
+from fastsam_backend.jobs.prefetch import PrefetchingLoader
+from fastsam_backend.jobs.queues import JobKind, JobQueues, QueueConfig
+from fastsam_backend.jobs.worker import RESCUE_AFTER_S, Maintenance, make_worker
 from tests.test_jobs import TOKEN, fake_ls, make_service  # noqa: F401 (fixtures)
 
 URLS = [f"/data/upload/1/s{i}.png" for i in range(5)]
@@ -33,7 +34,7 @@ def setup(own_redis, fake_ls, make_service, **overrides):  # noqa: F811
     _, ls_url = fake_ls
     service = make_service(redis_url=own_redis.url, label_studio_url=ls_url, label_studio_api_key=TOKEN,
                            **overrides)
-    jobs.install_service(service)
+    functions.install_service(service)
     config = QueueConfig.from_settings(service.settings)
     return service, config, JobQueues(config)
 

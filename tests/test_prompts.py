@@ -1,8 +1,8 @@
 import pytest
 
 from fastsam_backend.errors import BadRequest
-from fastsam_backend.prompts import BoxPrompt, PointPrompt, TextPrompt, parse_context
-from fastsam_backend.protocol import context_from
+from fastsam_backend.ls.prompts import BoxPrompt, PointPrompt, TextPrompt, parse_context
+from fastsam_backend.ls.protocol import context_from
 from tests.helpers import captured_requests
 
 

@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from label_studio_sdk.converter import brush
 
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.core.selection import select_by_box, select_by_points
 from fastsam_backend.errors import BadRequest
-from fastsam_backend.masks import MaskSet
-from fastsam_backend.prompts import Prompts, parse_context
-from fastsam_backend.protocol import context_from
-from fastsam_backend.rle import decode_rle, encode_rle
-from fastsam_backend.selection import select_by_box, select_by_points
+from fastsam_backend.ls.prompts import Prompts, parse_context
+from fastsam_backend.ls.protocol import context_from
+from fastsam_backend.ls.rle import decode_rle, encode_rle
 from fastsam_backend.settings import PointRule
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])

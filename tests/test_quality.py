@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from fastsam_backend.cli import main
 from fastsam_backend.quality.evaluation import evaluate, held_out_seeds
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 from fastsam_backend.settings import PointRule
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
 

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import redis
 
-from fastsam_backend.cache import RedisCache
-from fastsam_backend.codec import SCHEMA_VERSION, encode_entry
-from fastsam_backend.masks import MaskSet
-from fastsam_backend.store import MaskStore
+from fastsam_backend.cache.backends import RedisCache
+from fastsam_backend.cache.store import MaskStore
+from fastsam_backend.core.codec import SCHEMA_VERSION, encode_entry
+from fastsam_backend.core.masks import MaskSet
 
 LOGGER = "fastsam_backend"  # the caches and the store
 
@@ -197,10 +197,10 @@ def test_bad_entries_in_redis_are_recomputed_and_overwritten(own_redis, value, c
 
 
 def test_a_foreign_url_digest_entry_is_ignored(make_settings, image_server):
+    from fastsam_backend.cache.store import url_key
     from fastsam_backend.quality.fake import GroundTruthSegmenter
     from fastsam_backend.server import create_app
-    from fastsam_backend.service import build_service
-    from fastsam_backend.store import url_key
+    from fastsam_backend.service.orchestrator import build_service
     from tests.helpers import LABEL_CONFIG, png_bytes
 
     root, base = image_server

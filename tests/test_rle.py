@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter import brush
 
-from fastsam_backend.rle import decode_rle, encode_rle, encode_rle_bytes
+from fastsam_backend.ls.rle import decode_rle, encode_rle, encode_rle_bytes
 
 
 def _disks(h: int, w: int, n: int, seed: int, rmax: int = 40) -> np.ndarray:

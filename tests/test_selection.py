@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from fastsam_backend.masks import MaskSet
-from fastsam_backend.morphology import smooth_mask
-from fastsam_backend.selection import box_ious, select_by_box, select_by_points
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.core.morphology import smooth_mask
+from fastsam_backend.core.selection import box_ious, select_by_box, select_by_points
 from fastsam_backend.settings import PointRule
 
 H, W = 40, 60
@@ -146,7 +146,7 @@ def test_selection_reports_what_it_used():
 
 
 def test_best_box_match_is_the_argmax_of_all_ious():
-    from fastsam_backend.selection import best_box_match
+    from fastsam_backend.core.selection import best_box_match
 
     rng = np.random.default_rng(3)
     for _ in range(50):

@@ -15,7 +15,7 @@ from label_studio_sdk.converter.brush import decode_rle as sdk_decode_rle
 from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.scenes import generate_scene
 from fastsam_backend.server import create_app
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 from tests.conftest import FIXTURE_IMGSZ, MODELS
 from tests.helpers import LABEL_CONFIG, captured, interior_point, keypoint, png_bytes
 
@@ -80,7 +80,7 @@ def test_health_and_setup_do_not_load_the_model(make_settings):
 
 def test_weights_are_digested_at_start_up_not_on_the_first_health(make_settings, monkeypatch):
     """LS waits 1 s for /health; hashing a 600 MB CLIP checkpoint there could miss it."""
-    from fastsam_backend import clip_scorer, segmenter
+    from fastsam_backend.models import clip, segmenter
 
     app = create_app(make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
                                    open_clip_pretrained=str(MODELS / "clip-shapes.pt")))
@@ -89,7 +89,7 @@ def test_weights_are_digested_at_start_up_not_on_the_first_health(make_settings,
         raise AssertionError(f"hashed {paths} while serving")
 
     monkeypatch.setattr(segmenter, "file_digest", no_hashing)
-    monkeypatch.setattr(clip_scorer, "file_digest", no_hashing)
+    monkeypatch.setattr(clip, "file_digest", no_hashing)
     health = app.test_client().get("/health")
     assert health.status_code == 200 and "clip-shapes-" in health.json["model_version"]
 
@@ -412,7 +412,7 @@ def test_model_version_is_a_function_of_the_configuration_per_project(make_setti
 
 
 def test_model_version_does_not_depend_on_whether_clip_loaded(make_settings):
-    from fastsam_backend.service import build_service as real_service
+    from fastsam_backend.service.orchestrator import build_service as real_service
 
     configured = make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
                                open_clip_pretrained=str(MODELS / "missing.pt"))

@@ -2,7 +2,7 @@
 
 import os
 
-from fastsam_backend.segmenter import SegmenterConfig
+from fastsam_backend.models.segmenter import SegmenterConfig
 from fastsam_backend.settings import Settings
 
 

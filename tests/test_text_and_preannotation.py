@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
-from fastsam_backend.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.rle import decode_rle
 from fastsam_backend.quality.evaluation import TEST_SEED0, evaluate, iou, text_region
 from fastsam_backend.quality.lsrequests import data_uri
 from fastsam_backend.quality.scenes import SHAPES, generate_scene
-from fastsam_backend.rle import decode_rle
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 from tests.conftest import MODELS
 
 pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
@@ -145,7 +145,7 @@ def test_clip_identity_changes_when_its_checkpoint_file_is_replaced(tmp_path):
     checkpoint copied over the same path must not be served the old one's embeddings."""
     import shutil
 
-    from fastsam_backend.clip_scorer import ClipConfig, ClipScorer
+    from fastsam_backend.models.clip import ClipConfig, ClipScorer
 
     config, weights = tmp_path / "clip-shapes.json", tmp_path / "clip-shapes.pt"
     shutil.copy(MODELS / "clip-shapes.json", config)

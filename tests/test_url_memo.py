@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastsam_backend.store import MaskStore, UrlMemo, url_key
+from fastsam_backend.cache.store import MaskStore, UrlMemo, url_key
 from tests.test_cache import CountingCache
 
 DIGEST_A, DIGEST_B = "a" * 64, "b" * 64

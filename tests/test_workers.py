@@ -27,11 +27,12 @@ from pathlib import Path
 import pytest
 import requests
 
-from fastsam_backend.jobs import JobQueues, QueueConfig, enqueue_warm
+from fastsam_backend.jobs.enqueue import enqueue_warm
+from fastsam_backend.jobs.queues import JobQueues, QueueConfig
 from fastsam_backend.quality.fakels import FakeLabelStudio, serve
 from fastsam_backend.quality.net import free_port
 from fastsam_backend.quality.scenes import generate_scene
-from fastsam_backend.service import build_service
+from fastsam_backend.service.orchestrator import build_service
 from fastsam_backend.settings import Settings
 from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, OwnRedis
 from tests.helpers import LABEL_CONFIG, interior_point, keypoint, png_bytes

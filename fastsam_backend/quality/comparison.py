@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..polygons import outlines_mask
-from ..protocol import SetupRequest, predict_request
-from ..rle import decode_rle
-from ..service import FastSAMService
-from ..settings import BoxRule, PointRule
-from . import lsrequests
-from .evaluation import LABEL_CONFIG, click_points, iou, overlapping_pairs
-from .hardscenes import CASES, FILLER
-from .scenes import Scene
+from fastsam_backend.core.geometry import click_points
+from fastsam_backend.ls.polygons import outlines_mask
+from fastsam_backend.ls.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.rle import decode_rle
+from fastsam_backend.quality import lsrequests
+from fastsam_backend.quality.evaluation import LABEL_CONFIG, iou, overlapping_pairs
+from fastsam_backend.quality.hardscenes import CASES, FILLER
+from fastsam_backend.quality.scenes import Scene
+from fastsam_backend.service.orchestrator import FastSAMService
+from fastsam_backend.settings import BoxRule, PointRule
 
 # The evaluation's config plus a PolygonLabels tag: the "both" project answers in brush and polygon.
 POLYGON_CONFIG = LABEL_CONFIG.replace(

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from ..protocol import SetupRequest, predict_request
-from ..rle import decode_rle
-from ..service import FastSAMService
-from ..settings import PointRule
-from . import lsrequests
-from .scenes import Scene, generate_scene
+from fastsam_backend.core.geometry import click_points
+from fastsam_backend.ls.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.rle import decode_rle
+from fastsam_backend.quality import lsrequests
+from fastsam_backend.quality.scenes import Scene, generate_scene
+from fastsam_backend.service.orchestrator import FastSAMService
+from fastsam_backend.settings import PointRule
 
 TEST_SEED0 = 1_000_000  # held-out scenes (training used < 1_000_000)
 # Everything mode is asked under this project, set to label every instance with the tag's first
@@ -71,18 +72,6 @@ class QualityReport:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return np.count_nonzero(a & b) / union if union else 1.0
-
-
-def click_points(mask: np.ndarray, rng: np.random.Generator, n_random: int = 1) -> list[tuple[int, int]]:
-    """The deepest interior pixel plus ``n_random`` random pixels at least 3 px inside the object."""
-    dist = cv2.distanceTransform(np.pad(mask, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    points = [(int(x), int(y))]
-    inner = np.argwhere(dist >= min(3.0, float(dist.max())))
-    for _ in range(n_random):
-        yy, xx = inner[rng.integers(len(inner))]
-        points.append((int(xx), int(yy)))
-    return points
 
 
 def _keypoint(x: int, y: int, w: int, h: int, positive: bool) -> dict:

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..masks import MaskSet
-from .scenes import Scene
+from fastsam_backend.core.masks import MaskSet
+from fastsam_backend.quality.scenes import Scene
 
 
 def _pixels_key(pixels: np.ndarray) -> str:

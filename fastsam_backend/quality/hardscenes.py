@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .scenes import COLOUR_JITTER, COLOURS, MIN_VISIBLE_PIXELS, Scene, SceneObject, _background, _shape_mask
+from fastsam_backend.quality.scenes import (
+    COLOUR_JITTER,
+    COLOURS,
+    MIN_VISIBLE_PIXELS,
+    Scene,
+    SceneObject,
+    _background,
+    _shape_mask,
+)
 
 CASES: tuple[str, ...] = ("hollow", "thin", "occluded", "nested")
 FILLER = "other"  # the case tag of filler objects

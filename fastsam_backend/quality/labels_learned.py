@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..protocol import SetupRequest, predict_request
-from ..rle import decode_rle, encode_rle
-from ..service import FastSAMService
-from . import lsrequests
-from .evaluation import TEST_SEED0, iou
-from .scenes import SHAPES, Scene, generate_scene
+from fastsam_backend.ls.protocol import SetupRequest, predict_request
+from fastsam_backend.ls.rle import decode_rle, encode_rle
+from fastsam_backend.quality import lsrequests
+from fastsam_backend.quality.evaluation import TEST_SEED0, iou
+from fastsam_backend.quality.scenes import SHAPES, Scene, generate_scene
+from fastsam_backend.service.orchestrator import FastSAMService
 
 EXAMPLE_SEED0 = TEST_SEED0 + 50_000  # scenes the annotators "labelled" (disjoint from the evaluated ones)
 EVAL_SEED0 = TEST_SEED0 + 60_000

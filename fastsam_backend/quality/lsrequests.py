@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..rle import encode_rle
+from fastsam_backend.ls.rle import encode_rle
 
 CAPTURED = Path(__file__).with_name("ls-requests.json")
 

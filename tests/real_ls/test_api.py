@@ -128,7 +128,7 @@ def test_annotation_webhook_reaches_the_backend(project, backend, note):
     note(f"LS's ANNOTATION_CREATED webhook payload kept at {kept}")
     assert payload["action"] == "ANNOTATION_CREATED" and payload["annotation"]["task"] == task
     assert payload["project"]["id"] == project.id
-    # accepted and learned in the background (learn_jobs.py); LS's own ML webhook may have come first
+    # accepted and learned in the background (jobs/learn.py); LS's own ML webhook may have come first
     assert status == 202 and answer["status"] == "accepted", (status, answer)
     assert answer["result"]["annotations"] == [str(payload["annotation"]["id"])], answer
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fastsam_backend.polygons import outlines_mask
+from fastsam_backend.ls.polygons import outlines_mask
 from fastsam_backend.quality import lsrequests
 from fastsam_backend.quality.evaluation import iou
 from fastsam_backend.quality.hardscenes import generate_hard_scene

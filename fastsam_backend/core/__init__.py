@@ -1,0 +1,1 @@
+"""The data and the pure numpy stages: ``MaskSet``, selection, box matching, morphology, geometry, the codec."""

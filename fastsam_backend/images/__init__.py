@@ -1,0 +1,1 @@
+"""Task images: fetched (every hop through the outbound policy), decoded, digested."""

@@ -1,0 +1,1 @@
+"""Label Studio's side: the wire protocol, prompts, label configs, annotations, regions, its REST API."""

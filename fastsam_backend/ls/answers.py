@@ -1,0 +1,56 @@
+"""Interactive selections → the answer's LS regions, in the tags ``INTERACTIVE_OUTPUT`` names.
+
+``auto``: a PolygonLabels tag when the config has one and no BrushLabels, the BrushLabels tag
+otherwise; ``brush`` / ``polygon``: that tag; ``both``: each of the two the config has.
+Polygons keep holes as keyholes (``polygons``), simplified by the project's ``PolygonStyle``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastsam_backend.core.selection import Selection
+from fastsam_backend.errors import BadRequest
+from fastsam_backend.ls.labelconfig import LabelConfig, OutputTag
+from fastsam_backend.ls.polygons import PolygonStyle
+from fastsam_backend.ls.regions import brush_region, polygon_regions
+from fastsam_backend.settings import InteractiveOutput
+
+
+def answer_tags(config: LabelConfig, mode: InteractiveOutput) -> tuple[OutputTag, ...]:
+    """The tags an interactive answer is written into.
+
+    Raises:
+        BadRequest: the config has no tag of the kind ``mode`` asks for.
+    """
+    brush, polygon = config.brush, config.polygon
+    if mode is InteractiveOutput.AUTO:
+        found = polygon if polygon is not None and brush is None else brush
+        if found is None:
+            raise BadRequest("label_config has no BrushLabels or PolygonLabels tag bound to the image: "
+                             "nowhere to put masks")
+        return (found,)
+    wanted = {InteractiveOutput.BRUSH: (brush,), InteractiveOutput.POLYGON: (polygon,),
+              InteractiveOutput.BOTH: (brush, polygon)}[mode]
+    tags = tuple(t for t in wanted if t is not None)
+    if not tags:
+        kinds = {InteractiveOutput.BRUSH: "BrushLabels", InteractiveOutput.POLYGON: "PolygonLabels",
+                 InteractiveOutput.BOTH: "BrushLabels or PolygonLabels"}[mode]
+        raise BadRequest(f"interactive_output is {mode.value!r} but label_config has no {kinds} tag "
+                         "bound to the image: nowhere to put masks")
+    return tags
+
+
+def answer_regions(tags: Sequence[OutputTag], selections: Sequence[Selection],
+                   label_of: Callable[[OutputTag], str | None], style: PolygonStyle) -> list[dict[str, Any]]:
+    """Per selection, a region in every tag (a polygon tag: one region per connected piece)."""
+    regions: list[dict[str, Any]] = []
+    for selection in selections:
+        for tag in tags:
+            label = label_of(tag)
+            if tag.kind == "brushlabels":
+                regions.append(brush_region(tag, selection.mask, label, selection.score, selection.box))
+            else:
+                regions += polygon_regions(tag, selection.mask, label, selection.score, selection.box, style)
+    return regions

@@ -1,0 +1,110 @@
+"""Selected masks → Label Studio result regions (brush RLE, polygons, rectangles).
+
+Regions carry ``original_width``/``original_height`` of the decoded image and percent
+coordinates, as LS stores them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+
+from fastsam_backend.ls.labelconfig import OutputTag
+from fastsam_backend.ls.polygons import DEFAULT_STYLE, PolygonStyle, mask_outlines
+from fastsam_backend.ls.rle import encode_rle
+
+
+def _region(tag: OutputTag, kind: str, image_size: tuple[int, int], value: dict, score: float) -> dict[str, Any]:
+    height, width = image_size
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": tag.from_name,
+        "to_name": tag.to_name,
+        "type": kind,
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+        "score": round(float(score), 4),
+        "readonly": False,
+    }
+
+
+def _labels(label: str | None) -> list[str]:
+    return [label] if label else []
+
+
+Box = tuple[int, int, int, int]
+
+
+def _within(mask: np.ndarray, box: Box | None, pad: int = 0) -> tuple[np.ndarray, int, int]:
+    """``(view, x0, y0)``: the part of ``mask`` inside ``box`` grown by ``pad`` (clipped to the
+    image), or the whole mask. ``box`` must hold every nonzero pixel of ``mask``."""
+    if box is None:
+        return mask, 0, 0
+    h, w = mask.shape
+    x0, y0 = max(int(box[0]) - pad, 0), max(int(box[1]) - pad, 0)
+    x1, y1 = min(int(box[2]) + pad, w), min(int(box[3]) + pad, h)
+    return mask[y0:max(y1, y0), x0:max(x1, x0)], x0, y0
+
+
+def brush_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                 box: Box | None = None) -> dict[str, Any]:
+    """One BrushLabels region; ``mask`` is ``(H, W)`` bool at original resolution. ``box``
+    (``x0, y0, x1, y1``), when the caller knows one that holds the whole mask, limits every
+    function here to it: the cost follows the object's size, not the image's."""
+    value = {"format": "rle", "rle": encode_rle(mask, box), "brushlabels": _labels(label)}
+    return _region(tag, "brushlabels", mask.shape, value, score)
+
+
+def rectangle_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                     box: Box | None = None) -> dict[str, Any] | None:
+    """The mask's tight bounding box as a RectangleLabels region (percent)."""
+    part, dx, dy = _within(mask, box)
+    rows, cols = np.flatnonzero(part.any(axis=1)) + dy, np.flatnonzero(part.any(axis=0)) + dx
+    if rows.size == 0:
+        return None
+    h, w = mask.shape
+    value = {
+        "x": 100.0 * cols[0] / w,
+        "y": 100.0 * rows[0] / h,
+        "width": 100.0 * (cols[-1] + 1 - cols[0]) / w,
+        "height": 100.0 * (rows[-1] + 1 - rows[0]) / h,
+        "rotation": 0,
+        "rectanglelabels": _labels(label),
+    }
+    return _region(tag, "rectanglelabels", mask.shape, value, score)
+
+
+def mask_polygons(mask: np.ndarray, style: PolygonStyle = DEFAULT_STYLE) -> list[np.ndarray]:
+    """One outline per connected piece of ``mask``, holes joined in as keyholes
+    (``polygons.mask_outlines``): ``(K, 2)`` float arrays of ``x, y`` pixels."""
+    return mask_outlines(mask, style)
+
+
+def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                    box: Box | None = None, style: PolygonStyle = DEFAULT_STYLE) -> list[dict[str, Any]]:
+    """One PolygonLabels region per connected piece (percent coordinates), holes kept as keyholes."""
+    h, w = mask.shape
+    part, dx, dy = _within(mask, box, pad=1)  # a zero border: contours as on the whole image
+    regions = []
+    for poly in mask_outlines(part, style):
+        poly = poly + np.array([dx, dy], dtype=np.float64)
+        points = np.column_stack([100.0 * poly[:, 0] / w, 100.0 * poly[:, 1] / h]).round(4).tolist()
+        value = {"points": points, "closed": True, "polygonlabels": _labels(label)}
+        regions.append(_region(tag, "polygonlabels", mask.shape, value, score))
+    return regions
+
+
+def regions_for(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
+                box: Box | None = None, style: PolygonStyle = DEFAULT_STYLE) -> list[dict[str, Any]]:
+    """Regions of ``tag``'s kind for one mask (``box``: see ``brush_region``; ``style``: how
+    polygons are simplified)."""
+    if tag.kind == "brushlabels":
+        return [brush_region(tag, mask, label, score, box)]
+    if tag.kind == "polygonlabels":
+        return polygon_regions(tag, mask, label, score, box, style)
+    rect = rectangle_region(tag, mask, label, score, box)
+    return [rect] if rect else []

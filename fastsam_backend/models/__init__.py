@@ -1,0 +1,1 @@
+"""The networks: FastSAM (torch or ONNX Runtime), CLIP, their loading, digests and readiness."""
