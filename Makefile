@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-env lint bench quality quality-labels audit clean
+.PHONY: run test test-fast test-env lint docs bench quality quality-labels audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -28,10 +28,14 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
-# The README's quality table: the shipped fixtures unless FASTSAM_WEIGHTS etc. are set.
+# The quality table of docs/quality.md: the shipped fixtures unless FASTSAM_WEIGHTS etc. are set.
 QUALITY_ENV = FASTSAM_WEIGHTS=$${FASTSAM_WEIGHTS:-tests/fixtures/models/fastsam-shapes.pt} IMGSZ=$${IMGSZ:-640} \
 	CONF=$${CONF:-0.1} IOU=$${IOU:-0.7} FASTSAM_ALLOW_DOWNLOAD=false \
 	OPEN_CLIP_MODEL=$${OPEN_CLIP_MODEL:-tests/fixtures/models/clip-shapes.json} \
@@ -39,7 +43,7 @@ QUALITY_ENV = FASTSAM_WEIGHTS=$${FASTSAM_WEIGHTS:-tests/fixtures/models/fastsam-
 quality: $(STAMP)
 	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
 
-# The README's learned-labels table (LABELS_ARGS=--dev: the development scenes)
+# The learned-labels table of docs/learned-labels.md (LABELS_ARGS=--dev: the development scenes)
 quality-labels: $(STAMP)
 	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality-labels $(LABELS_ARGS)
 
@@ -48,4 +52,4 @@ audit: $(STAMP)
 	$(VENV)/bin/python scripts/audit_requirements.py
 
 clean:
-	rm -rf $(VENV) .venv-ls .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-ls .pytest_cache .ruff_cache site

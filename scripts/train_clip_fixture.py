@@ -39,7 +39,7 @@ on one machine). The fixed-work form of the shipped run::
 
 re-run on 2026-11-26 (2-core AMD EPYC, 5 min of training) it gave held-out top-1
 0.906 (padded) / 0.870 (raw), and 0.958 on the quality suite's text check with the
-re-trained FastSAM fixture (the shipped pair: 0.960; README, "Reproducing the fixtures").
+re-trained FastSAM fixture (the shipped pair: 0.960; docs/quality.md, "Reproducing the fixtures").
 
 Seeds: training scenes ``0..``, held-out evaluation scenes ``1_000_000+``.
 """

@@ -21,7 +21,7 @@ re-estimates the epoch count after each epoch); the counts above are what those 
 A from-scratch re-run on 2026-11-26 (stages 1-2 on a 2-core AMD EPYC: 15.3 + 13.8 min of training;
 stage 3 on a lent H100: 4.6 min) gave held-out mask mAP50 0.830, 0.899 and 0.991 after each
 stage (shipped: stage 2 0.904, stage 3 0.991, mAP50-95 0.826 vs 0.830), and passed the quality
-floors (README, "Reproducing the fixtures"). The shipped stage 2 is in git:
+floors (docs/quality.md, "Reproducing the fixtures"). The shipped stage 2 is in git:
 ``git show 281fa9e:tests/fixtures/models/fastsam-shapes.pt > work-tmp/fastsam-stage2.pt``.
 
 One stage by hand, e.g. stage 3 on a GPU::

@@ -1,7 +1,7 @@
 """Our selection against ultralytics' FastSAMPredictor.prompt on the same model outputs.
 
 Where the semantics coincide (a box; the paper's point rule without smoothing) the
-masks must match; the deliberate differences are listed in the README.
+masks must match; the deliberate differences are listed in docs/quality.md.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from fastsam_backend.quality.hardscenes import (
     held_out_hard_seeds,
 )
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+QUALITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "quality.md"
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +35,10 @@ def test_a_scene_is_a_function_of_its_seed():
     assert not np.array_equal(generate_hard_scene(DEV_SEED0 + 6).image[:32, :32], a.image[:32, :32])
 
 
-def test_seed_ranges_are_disjoint_and_stated_in_the_readme():
+def test_seed_ranges_are_disjoint_and_stated_in_the_docs():
     assert TEST_SEED0 + 999_999 < DEV_SEED0 and DEV_SEED0 + 999_999 < HELD_OUT_SEED0
     assert dev_seeds(3) == [2_000_000, 2_000_001, 2_000_002] and held_out_hard_seeds(1) == [3_000_000]
-    text = README.read_text()
+    text = QUALITY_DOC.read_text()
     assert re.search(r"2,000,000", text) and re.search(r"3,000,000", text)
 
 

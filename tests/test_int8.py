@@ -1,7 +1,7 @@
 """int8 ONNX Runtime (fastsam_backend.int8): the quantized fixture loads, keeps its head fp32 and its
 dynamic axes, gets its own model identity, and its masks are compared instance by instance.
 
-Whether int8 holds the quality bar is measured, not asserted (README: it does not on the fixture).
+Whether int8 holds the quality bar is measured, not asserted (docs/benchmarks.md: it does not on the fixture).
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ BAR_SCENES = 15
 @pytest.mark.slow
 def test_learned_labels_against_zero_shot(make_settings):
     """The issue's bar: at 3 examples per label top-1 ≥ 0.85 and ≥ zero-shot + 0.2. Not met with the
-    fixture models (README), hence the strict xfail below; this test holds what is met: with the mask
+    fixture models (docs/learned-labels.md), hence the strict xfail below; this test holds what is met: with the mask
     geometry beside CLIP, 3 and 10 examples clearly beat zero-shot (measured 0.60 → 0.75 and 0.81 on
     these scenes; CLIP prototypes alone were 0.62 and 0.68 on 40 scenes)."""
     from fastsam_backend.quality.labels_learned import examples_table
@@ -236,7 +236,7 @@ def test_learned_labels_against_zero_shot(make_settings):
 
 @pytest.mark.model
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture models (README: 0.74 at 3)")
+@pytest.mark.xfail(strict=True, reason="issue 17's bar is not reached with the fixture models (docs: 0.74 at 3)")
 def test_issue_bar_three_examples_per_label(make_settings):
     from fastsam_backend.quality.labels_learned import examples_table
     from fastsam_backend.service.orchestrator import build_service

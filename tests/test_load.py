@@ -1,7 +1,7 @@
 """The load test's short form (issue #13): 2,000 interactive requests in Label Studio's body, 8 clients
 at once, on cached images, through gunicorn and a private Redis. Asserted: no error and the worker's
 RSS grows under 10 % (a leak per request would show); the latencies are reported, not asserted.
-The full form: ``python -m bench.load --requests 20000`` (README, Operations and security)."""
+The full form: ``python -m bench.load --requests 20000`` (docs/operations.md, Load)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Mask quality floors on held-out generated scenes (seeds >= 1_000_000, never used in training),
 measured through the request path with the trained FastSAM fixture. `fastsam-backend quality`
-prints the full table (README).
+prints the full table (docs/quality.md).
 
 The floors are issue #4's targets. The shipped fixture measures 0.916 / 0.920 / 0.930 / 0.966 on
 these 16 scenes (0.911 / 0.912 / 0.933 / 0.964 on 96); a regression in prompt parsing,
@@ -64,13 +64,13 @@ def test_default_point_rule_is_at_least_as_good_as_the_papers(make_settings, rep
 
 
 def quality_env(weights, tmp_path, **clip: str) -> dict[str, str]:
-    """The environment of the README's quality command: the fixtures, no downloads, no Redis."""
+    """The environment of the quality command in docs/quality.md: the fixtures, no downloads, no Redis."""
     return {"FASTSAM_WEIGHTS": str(weights), "IMGSZ": str(FIXTURE_IMGSZ), "CONF": str(FIXTURE_CONF),
             "IOU": "0.7", "FASTSAM_ALLOW_DOWNLOAD": "false", "REDIS_URL": "", "MODEL_DIR": str(tmp_path), **clip}
 
 
 def test_quality_command_prints_every_check_including_text(fastsam_weights, tmp_path):
-    """The README's table comes from this command; with the CLIP fixture it has the text row."""
+    """docs/quality.md's table comes from this command; with the CLIP fixture it has the text row."""
     env = quality_env(fastsam_weights, tmp_path, OPEN_CLIP_MODEL=str(MODELS / "clip-shapes.json"),
                       OPEN_CLIP_PRETRAINED=str(MODELS / "clip-shapes.pt"))
     out = tmp_path / "quality.json"
