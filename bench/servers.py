@@ -44,7 +44,7 @@ def static_server(root: Path, latency_s: float = 0.0) -> Iterator[str]:
     handler_class = type("_Handler", (_QuietHandler,), {"latency_s": latency_s})
     handler = lambda *a, **kw: handler_class(*a, directory=str(root), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"

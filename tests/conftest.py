@@ -30,7 +30,7 @@ def image_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -75,14 +75,23 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-# Test modules that import torch at module level: collected only when model tests run.
-TORCH_AT_IMPORT = {"test_boxmasks.py", "test_fixture_scripts.py"}
+def _whole_module_marked(path: Path, marker: str) -> bool:
+    """Whether the test module marks all its tests ``marker`` (``pytestmark = ... pytest.mark.<marker>``)."""
+    return any(line.startswith("pytestmark") and f"pytest.mark.{marker}" in line
+               for line in path.read_text().splitlines())
 
 
 def pytest_ignore_collect(collection_path, config):
-    if "not model" in (config.getoption("markexpr") or "") and collection_path.name in TORCH_AT_IMPORT:
+    """The fast lane (``-m "not model and not real_ls and not slow"``) does not even import the modules
+    it would deselect whole: tests/real_ls, and those marked ``model`` (some import torch at module
+    level) or ``slow`` as a whole."""
+    expr = config.getoption("markexpr") or ""
+    if "not real_ls" in expr and "real_ls" in collection_path.parts:
         return True
-    return None
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    negated = [marker for marker in ("model", "slow") if f"not {marker}" in expr]
+    return True if any(_whole_module_marked(collection_path, marker) for marker in negated) else None
 
 
 @pytest.fixture(autouse=True)

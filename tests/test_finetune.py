@@ -239,6 +239,7 @@ def _predict_request(tasks, project):
     return predict_request(tasks, None, LABEL_CONFIG, project)
 
 
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 def test_new_shapes_are_drawn_only_when_asked_for():
     from fastsam_backend.quality.scenes import NEW_SHAPES, SHAPES, generate_scene
 

@@ -42,6 +42,7 @@ def test_seed_ranges_are_disjoint_and_stated_in_the_docs():
     assert re.search(r"2,000,000", text) and re.search(r"3,000,000", text)
 
 
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 def test_every_case_occurs_and_objects_are_what_their_case_says(scenes):
     counts = {case: 0 for case in CASES}
     for scene in scenes:

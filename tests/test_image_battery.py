@@ -273,6 +273,7 @@ def test_http_battery(site, case: Case, caplog):
         assert state["hits"][case.path] == case.hits
 
 
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 def test_a_drip_feeding_server_is_cut_at_the_total_deadline(site):
     """The regression: one byte per 0.5 s used to hold a request for 120 s (each read reset the timeout)."""
     base, state = site

@@ -8,6 +8,7 @@ uses. ``test_workers.py`` does the same with real worker processes and the train
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -28,7 +29,12 @@ from fastsam_backend.service.orchestrator import build_service
 from tests.helpers import LABEL_CONFIG, interior_point, keypoint, png_bytes
 
 TOKEN = "f" * 40
-SCENES = [generate_scene(3_000_000 + i, (96, 128)) for i in range(60)]
+
+
+@functools.cache
+def scenes() -> list:
+    """The fake project's 60 scenes, made on first use (not while every test module is collected)."""
+    return [generate_scene(3_000_000 + i, (96, 128)) for i in range(60)]
 
 
 @pytest.fixture
@@ -36,7 +42,7 @@ def fake_ls(tmp_path):
     (tmp_path / "data" / "upload" / "1").mkdir(parents=True)
     fake = FakeLabelStudio(tmp_path, token=TOKEN)
     fake.add_project(1, LABEL_CONFIG)
-    for i, scene in enumerate(SCENES):
+    for i, scene in enumerate(scenes()):
         (tmp_path / "data" / "upload" / "1" / f"s{i}.png").write_bytes(png_bytes(scene.image))
         fake.add_task(1, {"image": f"/data/upload/1/s{i}.png"})
     server, url = serve(fake)
@@ -51,7 +57,7 @@ def make_service(make_settings):
 
     def make(**overrides):
         settings = make_settings(clip_enabled=False, default_label="Banana", batch_time_budget_s=0, **overrides)
-        service = build_service(settings, GroundTruthSegmenter(SCENES))
+        service = build_service(settings, GroundTruthSegmenter(scenes()))
         made.append(service)
         return service
 
@@ -176,7 +182,7 @@ def test_a_cold_click_waits_for_the_running_warm_job(own_redis, fake_ls, make_se
     job = threading.Thread(target=functions.warm_image, args=("/data/upload/1/s1.png",))
     job.start()
     assert segmenting.wait(10)
-    scene = SCENES[1]
+    scene = scenes()[1]
     x, y = interior_point(scene.objects[0].mask)
     h, w = scene.image.shape[:2]
     client = create_app(http_side.settings, http_side).test_client()
@@ -194,6 +200,7 @@ def test_a_cold_click_waits_for_the_running_warm_job(own_redis, fake_ls, make_se
     assert http_side.segmenter.calls == 0 and http_side.store.stats()["lock_waits"] == 1
 
 
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 def test_preannotate_resumes_after_a_stop_with_one_prediction_per_task(fake_ls, make_service):
     fake, ls_url = fake_ls
     service = make_service(label_studio_url=ls_url, label_studio_api_key=TOKEN)

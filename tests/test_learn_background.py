@@ -11,6 +11,7 @@ worker`` process with the trained fixture models (``test_workers.py``'s helpers)
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -34,7 +35,12 @@ from tests.conftest import FIXTURE_CONF, FIXTURE_IMGSZ, MODELS
 
 PROJECT = "77"
 EVENTS = example_events(PROJECT, 1)[:3]
-SCENES = [generate_scene(int(e["annotation"]["id"])) for e in EVENTS]
+
+
+@functools.cache
+def scenes() -> list:
+    """The events' scenes, made on first use (not while every test module is collected)."""
+    return [generate_scene(int(e["annotation"]["id"])) for e in EVENTS]
 
 
 class ColourClip:
@@ -84,7 +90,7 @@ def learning_app(make_settings):
 
     def make(**overrides):
         settings = make_settings(clip_enabled=True, learn_min_examples=1, **overrides)
-        segmenter = HeldSegmenter(SCENES)
+        segmenter = HeldSegmenter(scenes())
         service = build_service(settings, segmenter)
         service.clip = service.models.clip = ColourClip()
         client = create_app(settings, service).test_client()
@@ -264,7 +270,7 @@ def test_a_learn_job_runs_on_a_worker_process_once(make_settings, fastsam_weight
     try:
         wait_until(lambda: queues.connection.scard("rq:workers") >= 1 or worker.poll() is not None, 180)
         assert worker.poll() is None, log_tail(tmp_path)
-        body = {**EVENTS[0], "task": {**EVENTS[0]["task"], "data": {"image": lsrequests.data_uri(SCENES[0].image)}}}
+        body = {**EVENTS[0], "task": {**EVENTS[0]["task"], "data": {"image": lsrequests.data_uri(scenes()[0].image)}}}
         first = client.post("/webhook", json=body)
         assert first.status_code == 202 and first.json["result"]["background"] == "job", first.json
         job_id = first.json["result"]["job_id"]

@@ -146,6 +146,7 @@ def test_a_predict_past_its_deadline_is_a_504_naming_the_stage(make_settings):
     assert client.get("/health").status_code == 200
 
 
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 def test_cold_images_queue_behind_max_cold_images(make_settings):
     """A burst of cold images is segmented MAX_COLD_IMAGES at a time; one that cannot get a slot
     before its deadline is a 504 saying so."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import signal
 
+import pytest
+
 from fastsam_backend.jobs import functions
 from fastsam_backend.jobs.batching import warm_batch
 from fastsam_backend.jobs.enqueue import enqueue_warm
@@ -17,6 +19,8 @@ from fastsam_backend.jobs.worker import RESCUE_AFTER_S, Maintenance, make_worker
 from tests.test_jobs import TOKEN, fake_ls, make_service  # noqa: F401 (fixtures)
 
 URLS = [f"/data/upload/1/s{i}.png" for i in range(5)]
+
+pytestmark = pytest.mark.slow  # worker runs of seconds each: the full lane (make test), not make test-fast
 
 
 def burst(config: QueueConfig, queues: JobQueues, prefetch=None, **batching):

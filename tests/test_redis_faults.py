@@ -40,6 +40,7 @@ def warnings(caplog) -> list[str]:
 
 
 # --- killed, restarted ---------------------------------------------------------------------------------
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 def test_killed_mid_run_then_restarted(own_redis, caplog):
     """Gets become misses, puts no-ops, one warning; after a restart the same objects use Redis again."""
     caplog.set_level(logging.DEBUG, logger=LOGGER)
@@ -101,6 +102,7 @@ def test_lock_holder_loses_redis_mid_compute(own_redis):
 
 
 # --- slow ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # seconds of waiting: the full lane (make test), not make test-fast
 @pytest.mark.parametrize("own_redis", [("--enable-debug-command", "local")], indirect=True)
 def test_slow_redis_is_bounded_by_the_socket_timeout(own_redis, caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)

@@ -141,5 +141,5 @@ def serve(fake: FakeLabelStudio, port: int = 0) -> tuple[http.server.ThreadingHT
             self._api("POST")
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
