@@ -49,9 +49,10 @@ def test_fastsam_backend_bench_runs_the_checkouts_bench_and_says_so_without_one(
     proc = subprocess.run([sys.executable, "-m", "fastsam_backend", "bench", "--help"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--quick" in proc.stdout and "--smoke" in proc.stdout, proc.stderr[-2000:]
-    import fastsam_backend.cli as cli
+    from fastsam_backend.cli import commands as cli_commands  # the module whose __file__ locates the checkout
 
-    monkeypatch.setattr(cli, "__file__", str(tmp_path / "site-packages" / "fastsam_backend" / "cli.py"))
+    installed = tmp_path / "site-packages" / "fastsam_backend" / "cli" / "commands.py"
+    monkeypatch.setattr(cli_commands, "__file__", str(installed))
     result = CliRunner().invoke(main, ["bench", "--quick"])
     assert result.exit_code == 1 and "pip install -e ." in result.output
 

@@ -176,7 +176,7 @@ def bench(ctx: click.Context) -> None:
     import subprocess
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]  # the checkout: fastsam_backend/cli/main.py
+    root = Path(__file__).resolve().parents[2]  # the checkout: fastsam_backend/cli/commands.py
     if not (root / "bench" / "__main__.py").is_file():
         raise click.ClickException("the benchmarks live in the repository, not in the installed package: "
                                    "install a checkout with `pip install -e .` (or `make run`) and run "
