@@ -6,7 +6,7 @@ generated scenes, head kept fp32). Each runtime is timed cold as the ``cold`` se
 torch: PNG decode + everything pass (our ``Segmenter``) + cache encoding, side by side with
 MobileSAM's decode + image encoder in the same run. The mask agreement printed here is on
 random weights (timing only): what int8 does to a trained model's masks is measured on the
-shipped fixture (tests/test_int8.py, README) and on yours by ``fastsam-backend compare-int8``.
+shipped fixture (tests/test_int8.py, docs/benchmarks.md) and on yours by ``fastsam-backend compare-int8``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "speedup_vs_mobilesam_encoder": vs_mobile, "speedup_vs_torch": vs_torch,
             "agreement_int8_vs_fp32_random_weights": agree,
             "note": "cold = decode + everything pass + cache encoding, p50; random weights: agreement here is "
-                    "not quality evidence (see README: int8 on the trained fixture)",
+                    "not quality evidence (see docs/benchmarks.md: int8 on the trained fixture)",
             "headline": {"name": f"cold@{IMGSZ}: MobileSAM decode+encoder / FastSAM-s ONNX int8 decode+segment+encode",
                          "value": vs_mobile["onnx_int8"], "unit": "x", "target": f">= {TARGET:g}x",
                          "met": bool(vs_mobile["onnx_int8"] and vs_mobile["onnx_int8"] >= TARGET),

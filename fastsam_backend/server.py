@@ -33,7 +33,7 @@ from fastsam_backend.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 MODEL_CLASS = "FastSAMBackend"
-TASKS_CREATED = "TASKS_CREATED"  # enqueues warm jobs for the new tasks' images (README: Scaling out)
+TASKS_CREATED = "TASKS_CREATED"  # enqueues warm jobs for the new tasks' images (docs/scaling.md)
 TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
                 "ANNOTATION_DELETED", "START_TRAINING"}  # annotations teach labels (jobs/learn.py)
 UNAUTHENTICATED_ROUTES = {"/", "/health"}  # orchestrator probes carry no credentials

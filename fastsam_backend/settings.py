@@ -1,4 +1,4 @@
-"""All configuration, read from the environment once (see the README's table).
+"""All configuration, read from the environment once (every setting in docs/configuration.md).
 
 Nothing else in the package reads ``os.environ``: the app factory builds one
 ``Settings`` and hands the parts down, typed. Two documented exceptions are other libraries'

@@ -1,4 +1,4 @@
-"""``fastsam-backend quality-labels``: label top-1 against annotated examples per label (README table)."""
+"""``fastsam-backend quality-labels``: label top-1 against annotated examples per label (docs/learned-labels.md)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from fastsam_backend.settings import load_settings
 @click.option("--here", is_flag=True, help="train in this process instead of enqueuing a job for a train worker")
 def train(project: int, here: bool) -> None:
     """Fine-tune FastSAM on the project's accepted masks; adopt only if measurably better
-    (FINETUNE_ENABLED must be true; README, "Fine-tuning (opt-in)")."""
+    (FINETUNE_ENABLED must be true; docs/fine-tuning.md)."""
     from fastsam_backend.errors import BadRequest
     from fastsam_backend.logs import configure_logging
 

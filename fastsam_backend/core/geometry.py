@@ -2,9 +2,9 @@
 
 Object kinds in real projects (cell types, defects, SKUs) differ by size and outline as well as by
 appearance, and a crop embedding may encode colour and texture far better than shape (the fixture
-CLIP does: README, *Labels learned from annotations*). Each instance's descriptor is computed from
+CLIP does: docs/learned-labels.md). Each instance's descriptor is computed from
 its cached mask crop alone, so it costs no forward pass: a few OpenCV contour and moment calls per
-instance (about 0.2 ms each; 18 ms for 100 instances of a 1024² image, README), and only for the
+instance (about 0.2 ms each; 18 ms for 100 instances of a 1024² image, docs/learned-labels.md), and only for the
 instances being labelled.
 
 The descriptor is a ``(G,)`` float32 vector (``FEATURES`` names the columns). Every entry is

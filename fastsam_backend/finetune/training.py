@@ -146,7 +146,7 @@ def train(base_checkpoint: Path | str, samples: Sequence[Sample], out_dir: Path 
     """Fine-tune ``base_checkpoint`` on ``samples`` (one class, "object"); returns the stripped
     checkpoint ``out_dir/finetuned-<digest12>.pt``. The budget is ``epochs`` (and ``hours`` when > 0);
     AdamW at a small ``lr0`` (a fine-tune, not a re-training: ultralytics' auto optimizer's larger
-    rates undo what the checkpoint knew, measured in the README)."""
+    rates undo what the checkpoint knew, measured in docs/fine-tuning.md)."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from fastsam_backend.finetune.dataset import offline_ultralytics, set_names, write_samples
 

@@ -3,7 +3,7 @@
 Each annotated region becomes one *example*: its label, the ``(D,)`` unit CLIP embedding of its
 crop and the ``(G,)`` mask-geometry descriptor (``geometry``) of its mask (the cached instance mask
 it matches, or the region's own mask). Per label, the prototype is the normalised mean of its
-examples' embeddings (measured as good as a linear probe on the fixture CLIP, README, *Labels
+examples' embeddings (measured as good as a linear probe on the fixture CLIP, docs/learned-labels.md, *Labels
 learned from annotations*, and no training step: any replica rebuilds it in microseconds).
 
 A crop embedding may say little about an object's outline (the fixture CLIP encodes colour), so
@@ -221,7 +221,7 @@ def choose_learned(model: LabelModel, embeddings: np.ndarray, labels: tuple[str,
         text_scores: ``(N, len(labels))`` zero-shot cosine of each instance to each label's words,
             when CLIP text scoring is there: once every label is learned, an instance gets the label
             of highest prototype cosine + text cosine (the words stay a prior; measured better than
-            the prototypes alone on the fixture CLIP, README).
+            the prototypes alone on the fixture CLIP, docs/learned-labels.md).
         geometry: ``(N, G)`` mask-geometry descriptors of the instances; with the model's geometry
             model, its weighted score is added to every learned label's. The ``min_similarity``
             gate stays on the prototype cosine of the label chosen (it bounds CLIP's confusion).

@@ -143,7 +143,7 @@ def compare_rules(service: FastSAMService, seeds: Iterable[int], scene_of: Calla
 
 
 def markdown(comparison: Comparison, title: str) -> str:
-    """The README's tables: one row per rule, one column per case type."""
+    """The tables of docs/quality.md: one row per rule, one column per case type."""
     lines = []
     for metric, name in (("box", "box rule: box IoU"), ("click", "point rule: click IoU"),
                          ("pos_neg", "point rule: pos+neg IoU")):

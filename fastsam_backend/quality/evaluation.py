@@ -3,7 +3,7 @@
 Every prompt goes in as the LS JSON a user's click would produce, through
 ``FastSAMService.predict`` (prompt parsing → cached masks → selection → RLE), and the
 returned RLE is decoded and compared with the scene's ground truth. Used by the
-test-suite (floors) and by ``fastsam-backend quality`` (the README's table).
+test-suite (floors) and by ``fastsam-backend quality`` (docs/quality.md).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ as Label Studio answers), ``GET /api/tasks/<id>/``, ``GET|POST /api/predictions/
 images under ``/data/upload/`` (``delays`` slows some down). Tokens are checked (``Token <key>``).
 ``fail_posts`` makes that many prediction POSTs answer 503 *after* storing the prediction -- the
 lost-answer case a careful client must not turn into a duplicate. For tests, benchmarks and the
-README's demonstration run; real-Label-Studio tests live under ``tests/real_ls/``.
+demonstration run in docs/scaling.md; real-Label-Studio tests live under ``tests/real_ls/``.
 """
 
 from __future__ import annotations

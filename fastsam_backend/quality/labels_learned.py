@@ -5,7 +5,7 @@ ground-truth masks of example scenes) through ``FastSAMService.fit``, the path `
 then held-out scenes are pre-annotated through ``FastSAMService.predict`` (no context) and each
 returned region that matches a ground-truth object (IoU ≥ 0.5) is a hit when its label is the
 object's shape. ``0`` examples is the zero-shot baseline. Used by ``fastsam-backend quality
---labels`` (the README's table) and the test-suite (the bar).
+--labels`` (docs/learned-labels.md) and the test-suite (the bar).
 """
 
 from __future__ import annotations

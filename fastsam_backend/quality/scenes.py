@@ -34,7 +34,7 @@ import numpy as np
 
 SHAPES: tuple[str, ...] = ("circle", "square", "rectangle", "triangle", "star", "hexagon", "ellipse", "ring")
 # Drawn only when asked for (``generate_scene(..., shapes=NEW_SHAPES)``): no fixture was trained on them,
-# so they measure fine-tuning on an object kind the base model never saw (README, "Fine-tuning").
+# so they measure fine-tuning on an object kind the base model never saw (docs/fine-tuning.md).
 NEW_SHAPES: tuple[str, ...] = ("cross", "crescent")
 
 COLOURS: dict[str, tuple[int, int, int]] = {
