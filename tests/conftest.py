@@ -64,15 +64,17 @@ def make_settings(fastsam_weights, tmp_path_factory):
     return make
 
 
-def pytest_sessionfinish(session, exitstatus):
+@pytest.fixture(autouse=True)
+def _no_torch_in_the_fast_lane(request):
     """The fast lane (``-m "not model …"``, ``make test-fast``) must not import torch: a test that
-    does belongs to the ``model`` marker. Fails the run otherwise."""
+    does belongs to the ``model`` marker. Checked after each test (so also in each xdist worker):
+    the first test after which torch is loaded fails, naming the marker."""
     import sys
 
-    if "not model" in (session.config.getoption("markexpr") or "") and "torch" in sys.modules:
-        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-            "FAST LANE: torch was imported; mark the test that loads a model with @pytest.mark.model", red=True)
-        session.exitstatus = 1
+    yield
+    if "not model" in (request.config.getoption("markexpr") or "") and "torch" in sys.modules:
+        pytest.fail("FAST LANE: torch was imported; mark the test that loads a model with @pytest.mark.model",
+                    pytrace=False)
 
 
 def _whole_module_marked(path: Path, marker: str) -> bool:
