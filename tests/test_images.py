@@ -413,9 +413,14 @@ def test_bad_and_oversized_data_uri():
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/a.png", "gs://bucket/a.png", "azure-blob://c/a.png"])
-def test_cloud_scheme_explains(url):
-    with pytest.raises(ImageError, match="pre-signed"):
+def test_cloud_scheme_explains(url):  # fetched through Label Studio: tests/test_cloud_images.py
+    with pytest.raises(ImageError, match="set LABEL_STUDIO_URL"):
         make_loader().load(url)
+
+
+def test_other_schemes_are_refused():
+    with pytest.raises(ImageError, match=r"cannot read ftp:// URLs.*s3://"):
+        make_loader().load("ftp://host/a.png")
 
 
 # --- local files ----------------------------------------------------------------------------------------

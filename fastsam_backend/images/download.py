@@ -51,14 +51,22 @@ class Reply:
     content_type: str | None
     source: str  # "host[:port]", or "first (redirected to last)"
     credentials_sent: bool  # whether the caller's headers went with the last hop
+    redirected: bool = False  # the answer came from a redirect's target, not the first host
 
 
 class FetchError(Exception):
     """A transport failure; ``cause`` is safe to show (no URL path, query or header)."""
 
-    def __init__(self, source: str, cause: str, *, transient: bool = False) -> None:
+    def __init__(self, source: str, cause: str, *, transient: bool = False, received: int | None = None,
+                 expected: int | None = None, redirected: bool = False) -> None:
         super().__init__(f"{source}: {cause}")
         self.source, self.cause, self.transient = source, cause, transient
+        # a body cut short: bytes received of the Content-Length declared (None where unknown)
+        self.received, self.expected, self.redirected = received, expected, redirected
+
+    @property
+    def truncated(self) -> bool:
+        return self.expected is not None and self.received is not None and self.received < self.expected
 
 
 class _Retry(Exception):
@@ -147,9 +155,11 @@ class Downloader:
             self._tls = {"cert_reqs": "CERT_REQUIRED", "ssl_context": context}
 
     def request(self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
-                max_redirects: int | None = None) -> Reply:
+                max_redirects: int | None = None, retry_truncated: bool = True) -> Reply:
         """The final answer after redirects (any status); raises ``FetchError`` for transport
-        failures, ``BadRequest``/``OutboundRefused`` for URLs the policy refuses."""
+        failures, ``BadRequest``/``OutboundRefused`` for URLs the policy refuses. A body shorter than
+        its Content-Length is retried like a dropped connection unless ``retry_truncated`` is false
+        (Label Studio's proxy cuts streams at a fixed time: a retry is cut again)."""
         deadline = time.monotonic() + self.timeout_s
         hops = self.max_redirects if max_redirects is None else max_redirects
         watchdog = _Watchdog(deadline)
@@ -161,7 +171,7 @@ class Downloader:
                     try:
                         reply = self._chain(method, url, dict(headers or {}), body, deadline, hops, watchdog)
                     except FetchError as exc:
-                        if exc.transient:
+                        if exc.transient and (retry_truncated or not exc.truncated):
                             raise _Retry(exc) from None
                         raise
                     if reply.status in TRANSIENT_STATUSES:
@@ -188,12 +198,13 @@ class Downloader:
                 source = f"{first.label} (redirected to {parts.label})"
                 if (parts.host, parts.port) != (first.host, first.port):
                     headers = {}  # credentials never follow a redirect elsewhere, nor come back
-            status, location, reply = self._exchange(method, target, headers, body, deadline, source, watchdog)
+            status, location, reply = self._exchange(method, target, headers, body, deadline, source, watchdog,
+                                                     redirected=hop > 0)
             if reply is not None:
                 return reply
             if hop == hops:
                 if hops == 0:  # the caller follows none (the token refresh): the redirect is the answer
-                    return Reply(status, b"", None, source, bool(headers))
+                    return Reply(status, b"", None, source, bool(headers), redirected=hop > 0)
                 break
             url = urljoin(url, location)
             if status == 303 or (status in (301, 302) and method == "POST"):
@@ -217,27 +228,29 @@ class Downloader:
                              "the host name does not resolve (check the URL, and DNS inside the container)") from None
 
     def _exchange(self, method: str, target: Target, headers: dict[str, str], body: bytes | None,
-                  deadline: float, source: str, watchdog: _Watchdog) -> tuple[int, str, Reply | None]:
+                  deadline: float, source: str, watchdog: _Watchdog,
+                  redirected: bool = False) -> tuple[int, str, Reply | None]:
         """One request/response on a fresh connection: ``(status, location, None)`` for a
         redirect to follow, else ``(status, "", reply)``."""
-        phase, received = "connecting", 0
+        phase, received, expected = "connecting", 0, None
         conn = None
         try:
             conn = self._open(target, deadline, watchdog)
             phase = "waiting for the response headers"
             conn.request(method, target.parts.target, body=body, headers={**_HEADERS, **headers},
-                         preload_content=False, decode_content=True, enforce_content_length=True)
+                         preload_content=False, decode_content=True, enforce_content_length=False)
             resp = conn.getresponse()
             status, location = resp.status, resp.headers.get("Location", "")
             content_type = resp.headers.get("Content-Type")
             if status in REDIRECTS and location:
                 return status, location, None
             if not 200 <= status < 300:
-                return status, "", Reply(status, b"", content_type, source, bool(headers))
+                return status, "", Reply(status, b"", content_type, source, bool(headers), redirected)
             declared = resp.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 raise FetchError(source, f"larger than the limit of {self.max_bytes} bytes (MAX_IMAGE_BYTES; "
                                  f"Content-Length {declared})")
+            expected = int(declared) if declared.isdigit() else None
             phase, chunks = "reading the body", []
             while True:
                 if conn.sock is not None:
@@ -246,18 +259,27 @@ class Downloader:
                 if watchdog.fired:
                     raise TimeoutError
                 if not chunk:
+                    if expected is not None and received < expected:  # counted here: urllib3 would lose the tail
+                        raise FetchError(source, f"connection broken while reading the body (truncated: {received} "
+                                         f"of {expected} bytes received)", transient=True, received=received,
+                                         expected=expected, redirected=redirected)
                     break
                 chunks.append(chunk)
                 received += len(chunk)
                 if received > self.max_bytes:
                     raise FetchError(source, f"larger than the limit of {self.max_bytes} bytes (MAX_IMAGE_BYTES)")
-            return status, "", Reply(status, b"".join(chunks), content_type, source, bool(headers))
+            return status, "", Reply(status, b"".join(chunks), content_type, source, bool(headers), redirected)
         except FetchError:
             raise
         except Exception as exc:  # socket, TLS, http.client and urllib3 errors alike
             if phase == "reading the body":
-                phase = f"reading the body ({received} bytes received)"
-            raise self._describe(exc, source, phase, watchdog.fired or time.monotonic() >= deadline) from None
+                of = f" of {expected}" if expected is not None else ""
+                phase = f"reading the body ({received}{of} bytes received)"
+            error = self._describe(exc, source, phase, watchdog.fired or time.monotonic() >= deadline)
+            if phase.startswith("reading the body"):
+                error.received, error.expected = received, expected
+            error.redirected = redirected
+            raise error from None
         finally:
             if conn is not None:
                 conn.close()

@@ -7,7 +7,12 @@ URL forms:
 - ``/data/local-files/?d=rel``, ``file://`` and plain paths, with ``LOCAL_FILES_DOCUMENT_ROOT`` set: read
   from disk if they resolve (symlinks included) to a regular file under the root, else ``BadRequest``;
   no ``..``. Like LS, ``d`` is always relative to the root (a leading ``/`` is stripped).
-- ``data:`` URIs (base64 or percent-encoded); ``s3://``, ``gs://``, ...: refused with advice.
+- ``data:`` URIs (base64 or percent-encoded).
+- ``s3://``, ``gs://``, ``azure-blob://``: through Label Studio's ``/tasks/<id>/resolve/`` endpoint with
+  the credentials (so an ``ImageRef`` with the task id, ``cloud.py``); its 303 to the storage host is
+  followed without them and vetted like any hop; HTTP errors and a truncated stream name their fix.
+  ``memo_key`` is what the URL -> digest memo keys an image on (for these, the URI and the instance).
+- other schemes: refused.
 
 Where HTTP may go is ``outbound``'s policy (no loopback, private, link-local or metadata address
 unless ``OUTBOUND_ALLOW`` lists it; ``LABEL_STUDIO_URL``'s host:port is exempt, the ``/setup``
@@ -43,9 +48,11 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 import numpy as np
 
 from fastsam_backend.errors import BadRequest, ImageError
+from fastsam_backend.images import cloud
+from fastsam_backend.images.cloud import ImageRef, ImageSource
 from fastsam_backend.images.decoding import decode_image
 from fastsam_backend.images.download import Downloader, FetchError, Reply
-from fastsam_backend.outbound import AllowList, OutboundPolicy, Resolver, split_url
+from fastsam_backend.outbound import AllowList, OutboundPolicy, OutboundRefused, Resolver, split_url
 
 if TYPE_CHECKING:
     from fastsam_backend.settings import Settings
@@ -153,13 +160,19 @@ class ImageLoader:
         with self._lock:
             self._fallback = (_base(hostname), access_token or None)
 
-    def fetch_bytes(self, url: str) -> bytes:
+    def fetch_bytes(self, source: ImageSource) -> bytes:
         """The raw bytes behind a task's image URL (raises ImageError / BadRequest)."""
-        return self._fetch(url).data
+        return self._fetch(ImageRef.of(source)).data
 
-    def load(self, url: str) -> LoadedImage:
+    def memo_key(self, source: ImageSource) -> str:
+        """What the URL -> digest memo keys this image on: the URL as the task holds it; for a cloud
+        URI, the URI within this Label Studio instance (never the resolve or presigned URL: they expire)."""
+        ref = ImageRef.of(source)
+        return cloud.memo_url(ref.url, self._credentials()[0]) if ref.cloud_scheme else ref.url
+
+    def load(self, source: ImageSource) -> LoadedImage:
         """Fetch and decode; ``digest`` hashes the bytes as fetched."""
-        fetched = self._fetch(url)
+        fetched = self._fetch(ImageRef.of(source))
         pixels = decode_image(fetched.data, fetched.source, fetched.content_type, self.config.max_pixels)
         return LoadedImage(pixels, hashlib.sha256(fetched.data).hexdigest())
 
@@ -168,8 +181,8 @@ class ImageLoader:
             base, key = self._fallback
         return _base(self.config.label_studio_url) or base, self.config.api_key or key
 
-    def _fetch(self, url: str) -> _Fetched:
-        url = (url or "").strip()
+    def _fetch(self, ref: ImageRef) -> _Fetched:
+        url = (ref.url or "").strip()
         if not url:
             raise ImageError("the task has no image URL")
         if "\x00" in url:
@@ -186,9 +199,11 @@ class ImageLoader:
                 raise BadRequest(f"file:// URLs name no host (got {parts.netloc!r}): only this machine's "
                                  "LOCAL_FILES_DOCUMENT_ROOT is read")
             return self._local(unquote(parts.path))
+        if ref.cloud_scheme:
+            return self._cloud(ImageRef(url, ref.task_id))
         if scheme:
-            raise ImageError(f"cannot read {scheme}:// URLs: let Label Studio serve them (cloud storage with "
-                             "'Use pre-signed URLs', or proxied through /tasks/<id>/resolve), or use http(s)")
+            raise ImageError(f"cannot read {scheme}:// URLs: use http(s), or Label Studio cloud storage "
+                             f"({', '.join(s + '://' for s in cloud.CLOUD_SCHEMES)})")
         if url.startswith("/data/local-files") and root is not None:
             d = (parse_qs(urlsplit(url).query).get("d") or [""])[-1]  # the last one wins, as in Django
             if not d:
@@ -271,19 +286,62 @@ class ImageLoader:
         log.debug("read %s (%d bytes)", label, len(data))
         return _Fetched(data, label, None)
 
-    def _http(self, url: str) -> _Fetched:
+    def _cloud(self, ref: ImageRef) -> _Fetched:
+        """A cloud URI through Label Studio's resolve endpoint for its task (``cloud.py``)."""
+        uri = ref.url
+        base, key = self._credentials()
+        if base is None or key is None:
+            raise cloud.no_label_studio(uri, "LABEL_STUDIO_URL" if base is None else "LABEL_STUDIO_API_KEY")
+        if ref.task_id is None:
+            raise cloud.no_task(uri)
+        task_id = ref.task_id
+
+        def get(url: str, headers: dict[str, str], raise_401: bool = False) -> _Fetched:
+            started = time.monotonic()
+            try:
+                reply = self._downloader.request("GET", url, headers=headers, retry_truncated=False)
+            except FetchError as exc:
+                log.warning("could not fetch %s (task %s) from %s: %s", cloud.shown(uri), task_id, exc.source,
+                            exc.cause)
+                if exc.truncated and not exc.redirected:
+                    raise cloud.truncated(uri, exc.source, exc.received or 0, exc.expected or 0) from None
+                raise ImageError(f"could not fetch {cloud.shown(uri)} (task {task_id}) from {exc.source}: "
+                                 f"{exc.cause}") from None
+            except OutboundRefused as exc:  # Label Studio's host is trusted: this is the storage host
+                raise OutboundRefused(
+                    f"{cloud.shown(uri)}: Label Studio sent the backend to a storage host it may not reach: "
+                    f"{exc.message}. A private storage host (MinIO, an S3-compatible server, a VPC endpoint) "
+                    "needs OUTBOUND_ALLOW=<host:port>", reason="storage host refused: set OUTBOUND_ALLOW") from None
+            if reply.status == 401 and raise_401 and reply.credentials_sent:
+                raise _Unauthorized()
+            if reply.status >= 300:
+                log.warning("could not fetch %s (task %s) from %s: HTTP %d", cloud.shown(uri), task_id,
+                            reply.source, reply.status)
+                if reply.redirected:
+                    raise cloud.storage_error(uri, reply.status, reply.source)
+                raise cloud.label_studio_error(uri, task_id, reply.status, reply.source)
+            log.debug("fetched %s (task %s) via %s: %d bytes, %.0f ms", cloud.shown(uri), task_id, reply.source,
+                      len(reply.data), (time.monotonic() - started) * 1000)
+            return _Fetched(reply.data, f"{cloud.shown(uri)} (via {reply.source})", reply.content_type)
+
+        return self._http(base + cloud.resolve_path(uri, task_id), get)
+
+    def _http(self, url: str, get=None) -> _Fetched:
+        """``url`` with Label Studio's credentials when it goes to Label Studio; ``get(url, headers,
+        raise_401)`` does the request (default ``_get``; the cloud path's own maps its statuses)."""
+        get = get or self._get
         base, key = self._credentials()
         if not (base and key and _same_host_port(url, base)):
-            return self._get(url, {})
+            return get(url, {})
         claims = _jwt_claims(key)
         if claims is None or claims.get("token_type") == "access":
-            return self._get(url, {"Authorization": ("Token " if claims is None else "Bearer ") + key})
+            return get(url, {"Authorization": ("Token " if claims is None else "Bearer ") + key})
         access = self._access_token(base, key, stale=None)
         try:
-            return self._get(url, {"Authorization": "Bearer " + access}, raise_401=True)
+            return get(url, {"Authorization": "Bearer " + access}, raise_401=True)
         except _Unauthorized:  # revoked or expired early: renew once
             log.info("HTTP 401 from %s with a cached access token; refreshing it", split_url(url).label)
-            return self._get(url, {"Authorization": "Bearer " + self._access_token(base, key, stale=access)})
+            return get(url, {"Authorization": "Bearer " + self._access_token(base, key, stale=access)})
 
     def _access_token(self, base: str, pat: str, stale: str | None) -> str:
         """Exchange the personal access token for an access token, once for all threads."""
