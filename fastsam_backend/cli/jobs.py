@@ -75,11 +75,16 @@ def worker(kinds: tuple[str, ...], processes: int, burst: bool) -> None:
 @click.command()
 @click.argument("urls", nargs=-1)
 @click.option("--project", type=int, default=None, help="warm every task image of this Label Studio project")
+@click.option("--task", "task_id", type=click.IntRange(min=0), default=None,
+              help="the Label Studio task the URLs given belong to (cloud storage URIs, s3:// gs:// "
+                   "azure-blob://, are fetched through Label Studio per task)")
 @click.option("--url", "ls_url", default=None, help="Label Studio URL [env LABEL_STUDIO_URL]")
 @click.option("--api-key", default=None, help="Label Studio token [env LABEL_STUDIO_API_KEY]")
 @click.option("--wait", is_flag=True, help="follow the jobs until they are done (progress bar)")
-def warm(urls: tuple[str, ...], project: int | None, ls_url: str | None, api_key: str | None, wait: bool) -> None:
+def warm(urls: tuple[str, ...], project: int | None, task_id: int | None, ls_url: str | None, api_key: str | None,
+         wait: bool) -> None:
     """Enqueue warm jobs: the images of --project, or the URLs/paths given. Cached images are skipped."""
+    from fastsam_backend.images.cloud import ImageRef
     from fastsam_backend.jobs.enqueue import enqueue_warm
     from fastsam_backend.logs import configure_logging
     from fastsam_backend.ls.labelconfig import parse_label_config
@@ -89,11 +94,11 @@ def warm(urls: tuple[str, ...], project: int | None, ls_url: str | None, api_key
     configure_logging("WARNING")
     if not urls and project is None:
         raise click.UsageError("give --project ID or image URLs")
-    targets = list(urls)
+    targets = [ImageRef(url, task_id) for url in urls]
     if project is not None:
         client = _client(settings, project)
         key = parse_label_config(client.label_config()).image_key
-        targets += [t.data[key] for t in client.tasks() if isinstance(t.data.get(key), str)]
+        targets += [ImageRef(t.data[key], t.id) for t in client.tasks() if isinstance(t.data.get(key), str)]
     service = build_service(settings)  # for the model identity and the cache: nothing is loaded
     queues = _queues(settings)
     report = enqueue_warm(queues, service, targets)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from fastsam_backend import metrics
 from fastsam_backend.cache.store import ImageKey, cache_key
+from fastsam_backend.images.cloud import ImageSource
 
 if TYPE_CHECKING:
     from fastsam_backend.service.orchestrator import ColdImage, FastSAMService
@@ -77,7 +78,7 @@ def claim(key: ImageKey) -> bool:
     return _CLAIMS.pop(key)
 
 
-def warm_batch(service: FastSAMService, urls: list[str], max_batch: int) -> BatchReport:
+def warm_batch(service: FastSAMService, urls: list[ImageSource], max_batch: int) -> BatchReport:
     """Masks of the images at ``urls`` into the cache, ``max_batch`` images per forward pass at most;
     nothing when the first (the job about to run) is cached already.
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastsam_backend.errors import BadRequest
+from fastsam_backend.images.cloud import ImageRef, ImageSource
 from fastsam_backend.jobs.queues import JobKind, JobQueues, QueueConfig
 
 if TYPE_CHECKING:
@@ -59,16 +60,19 @@ class Enqueued:
         self.job_ids += other.job_ids
 
 
-def enqueue_warm(queues: JobQueues, service: FastSAMService, urls: list[str]) -> Enqueued:
-    """Warm jobs for ``urls``, skipping images whose masks are cached already (a key lookup each)."""
+def enqueue_warm(queues: JobQueues, service: FastSAMService, images: list[ImageSource]) -> Enqueued:
+    """Warm jobs for ``images`` (URLs, or ``ImageRef``s with their task ids: a cloud URI needs it),
+    skipping images whose masks are cached already (a key lookup each)."""
     report, model = Enqueued(), model_key(service)
-    for url in urls:
-        if service.image_key_if_cached(url) is not None:
+    for image in images:
+        ref = ImageRef.of(image)
+        if service.image_key_if_cached(ref) is not None:
             report.cached += 1
             continue
-        job_id = warm_job_id(queues.config, url, model)
+        job_id = warm_job_id(queues.config, service.images.memo_key(ref), model)
+        args: list[Any] = [ref.url] if ref.task_id is None else [ref.url, ref.task_id]  # (url,) as before
         # the description is what RQ shows and logs: never the URL, whose query may be a signature
-        new = queues.enqueue(JobKind.WARM, WARM_FUNC, [url], job_id, f"warm image {job_id[-12:]}")
+        new = queues.enqueue(JobKind.WARM, WARM_FUNC, args, job_id, f"warm image {job_id[-12:]}")
         report.enqueued += new
         report.duplicate += not new
         report.job_ids.append(job_id)
@@ -104,7 +108,7 @@ def warm_new_tasks(queues: JobQueues, service: FastSAMService, body: dict[str, A
     except BadRequest:
         image_key = "image"
     tasks = body.get("tasks") if isinstance(body.get("tasks"), list) else []
-    urls = [url for t in tasks if isinstance(t, dict) and isinstance(t.get("data"), dict)
+    urls = [ImageRef.of(url, t.get("id")) for t in tasks if isinstance(t, dict) and isinstance(t.get("data"), dict)
             and isinstance(url := t["data"].get(image_key), str) and url.strip()]
     report = enqueue_warm(queues, service, urls)
     return {"tasks": len(tasks), "enqueued": report.enqueued, "duplicate": report.duplicate, "cached": report.cached,

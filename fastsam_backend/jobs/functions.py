@@ -4,10 +4,12 @@ Each takes JSON-able arguments and calls this process's one ``FastSAMService`` -
 HTTP layer calls, built once per worker process (``worker.py``), so the models load once per
 process and never per job:
 
-- ``warm_image(url)``: the image's masks (and its CLIP crop embeddings when CLIP is configured)
+- ``warm_image(url, task_id=None)``: the image's masks (and its CLIP crop embeddings when CLIP is configured)
   into the cache, through the same ``MaskStore``. Its cross-process lock makes an interactive click
   on an image whose warm job is *running* wait for that work, and at run time an image that is
-  cached already (under any URL: the key is the bytes' digest) costs a lookup.
+  cached already (under any URL: the key is the bytes' digest) costs a lookup. ``task_id`` is how a
+  cloud storage URI is fetched (through Label Studio, per task); jobs queued as ``(url,)`` before
+  it existed run as they did.
 - ``preannotate_task(task_id, project_id, model_version)``: the task fetched from Label Studio,
   predicted as ``/predict`` predicts it, the prediction written back under that version
   (``preannotate_project.py``).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from fastsam_backend.images.cloud import ImageRef
 from fastsam_backend.jobs import batching
 from fastsam_backend.jobs.queues import JobKind, JobRefused, count
 
@@ -52,12 +55,12 @@ def count_outcome(service: FastSAMService, kind: JobKind, outcome: str) -> None:
         count(job.connection, f"{service.settings.queue_prefix}jobs:stats", kind, outcome)
 
 
-def warm_image(url: str) -> dict[str, Any]:
-    """Masks (and CLIP crop embeddings, when CLIP can load) of the image at ``url`` into the cache
-    (where a worker's batch put them already, a lookup; ``batching.py``)."""
+def warm_image(url: str, task_id: int | None = None) -> dict[str, Any]:
+    """Masks (and CLIP crop embeddings, when CLIP can load) of the image at ``url`` (of task
+    ``task_id``) into the cache (where a worker's batch put them already, a lookup; ``batching.py``)."""
     service = process_service()
     started = time.perf_counter()
-    found = service.masks_for(url)
+    found = service.masks_for(ImageRef.of(url, task_id))
     embeddings = False
     if service.clip is not None and service.models.zero_shot_unavailable() is None:
         service.crop_embeddings(found)

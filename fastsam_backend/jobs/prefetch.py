@@ -19,6 +19,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from fastsam_backend.images.cloud import ImageRef, ImageSource
+
 if TYPE_CHECKING:
     from fastsam_backend.images.loader import ImageLoader, LoadedImage
 
@@ -31,11 +33,12 @@ class PrefetchingLoader:
     def __init__(self, loader: ImageLoader, depth: int = 2) -> None:
         self.loader, self.depth = loader, max(1, depth)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fastsam-prefetch")
-        self._ahead: OrderedDict[str, Future[LoadedImage]] = OrderedDict()
+        self._ahead: OrderedDict[ImageRef, Future[LoadedImage]] = OrderedDict()
         self._lock = threading.Lock()
         self.taken = 0  # loads answered from a prefetch (for the worker's log and the tests)
 
-    def prefetch(self, url: str) -> None:
+    def prefetch(self, source: ImageSource) -> None:
+        url = ImageRef.of(source)  # keyed by URL and task id
         with self._lock:
             if url in self._ahead:
                 return
@@ -43,7 +46,8 @@ class PrefetchingLoader:
                 self._ahead.popitem(last=False)[1].cancel()
             self._ahead[url] = self._pool.submit(self.loader.load, url)
 
-    def load(self, url: str) -> LoadedImage:
+    def load(self, source: ImageSource) -> LoadedImage:
+        url = ImageRef.of(source)
         with self._lock:
             ahead = self._ahead.pop(url, None)
         if ahead is not None and not ahead.cancelled():

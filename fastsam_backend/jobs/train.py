@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastsam_backend.finetune.records import FineTuneRecord, records_for
 from fastsam_backend.finetune.training import Sample, decide, evaluate, split, train
+from fastsam_backend.images.cloud import ImageRef
 from fastsam_backend.jobs.queues import JobKind, JobQueues, JobRefused
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def gather(service: FastSAMService, client: ProjectClient) -> tuple[list[Sample]
         regions = [r for r in parse_regions(task.annotations[-1], f"task {task.id}") if not r.is_box]
         if not regions:
             continue
-        image = service.images.load(url).pixels
+        image = service.images.load(ImageRef(url, task.id)).pixels
         masks = tuple(r.mask for r in regions if r.mask.shape == image.shape[:2])
         if masks:
             samples.append(Sample(image, masks))

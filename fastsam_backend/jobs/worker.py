@@ -34,6 +34,7 @@ import uuid
 from typing import Any
 
 from fastsam_backend.errors import BadRequest
+from fastsam_backend.images.cloud import ImageRef
 from fastsam_backend.jobs.batching import GPU_BATCH, warm_batch
 from fastsam_backend.jobs.functions import install_service
 from fastsam_backend.jobs.prefetch import PrefetchingLoader
@@ -112,7 +113,7 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                         return
                     self.ahead.append((*found, time.monotonic()))
                     self.connection.set(config.ahead_key(found[0].id), self.name, ex=AHEAD_MAX_S + 30)
-                    prefetch(found[0].args[0])
+                    prefetch(job_image(found[0].args))
             except Exception as exc:  # the job stays where it is; prefetching is only an optimisation
                 log.warning("could not take the next job ahead: %s", exc)
 
@@ -147,7 +148,7 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             self.set_state(WorkerStatus.IDLE)
 
         def run_batch(self, job: Any) -> None:
-            urls = [job.args[0], *(ahead.args[0] for ahead, _, _ in self.ahead)]  # warm jobs: (url,)
+            urls = [job_image(job.args), *(job_image(ahead.args) for ahead, _, _ in self.ahead)]
             try:
                 warm_batch(urls)
             except Exception as exc:  # each job still does its own work and reports its own error
@@ -295,9 +296,14 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
             loader.close()
 
 
-def _prefetch_uncached(service: Any, loader: PrefetchingLoader, url: Any) -> None:
-    if isinstance(url, str) and service.image_key_if_cached(url) is None:
-        loader.prefetch(url)
+def job_image(args: Any) -> ImageRef:
+    """A warm job's image from its arguments: ``(url, task_id)``, or ``(url,)`` as queued before task ids."""
+    return ImageRef.of(args[0], args[1] if len(args) > 1 else None)
+
+
+def _prefetch_uncached(service: Any, loader: PrefetchingLoader, ref: Any) -> None:
+    if isinstance(ref, ImageRef) and isinstance(ref.url, str) and service.image_key_if_cached(ref) is None:
+        loader.prefetch(ref)
 
 
 def _child(overrides: dict[str, Any], queue_names: list[str], burst: bool) -> None:

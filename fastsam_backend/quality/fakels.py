@@ -3,6 +3,9 @@
 ``GET /api/projects/<id>/``, ``GET /api/tasks/?project=&page=&page_size=`` (404 past the last page,
 as Label Studio answers), ``GET /api/tasks/<id>/``, ``GET|POST /api/predictions/`` and the task
 images under ``/data/upload/`` (``delays`` slows some down). Tokens are checked (``Token <key>``).
+Cloud storage: ``cloud`` maps ``s3://...`` URIs to files under ``root``, served as Label Studio serves
+them with "Use pre-signed URLs" off: ``GET /tasks/<id>/resolve/?fileuri=<urlsafe base64>`` streams the
+bytes to a user with a token, for a task that exists (404 otherwise, 424 for a missing object).
 ``fail_posts`` makes that many prediction POSTs answer 503 *after* storing the prediction -- the
 lost-answer case a careful client must not turn into a duplicate. For tests, benchmarks and the
 demonstration run in docs/scaling.md; real-Label-Studio tests live under ``tests/real_ls/``.
@@ -10,6 +13,7 @@ demonstration run in docs/scaling.md; real-Label-Studio tests live under ``tests
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import threading
@@ -32,6 +36,7 @@ class FakeLabelStudio:
     requests: dict[str, int] = field(default_factory=dict)
     fail_posts: int = 0
     delays: dict[str, float] = field(default_factory=dict)  # image path -> seconds before it is served
+    cloud: dict[str, str] = field(default_factory=dict)  # cloud URI -> file under root (None: a missing object)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_project(self, project_id: int, label_config: str) -> None:
@@ -59,6 +64,25 @@ class FakeLabelStudio:
                 "total_annotations": len(anns), "cancelled_annotations": 0}
 
     # ------------------------------------------------------------------------------ the routes
+    def resolve(self, url: str, headers: Any) -> tuple[int, bytes]:
+        """``GET /tasks/<id>/resolve/?fileuri=``: a cloud object's bytes (counted as ``GET /tasks/resolve``)."""
+        parts = urlsplit(url)
+        with self.lock:
+            self.requests["GET /tasks/resolve"] = self.requests.get("GET /tasks/resolve", 0) + 1
+        if headers.get("Authorization", "") not in (f"Token {self.token}", f"Bearer {self.token}"):
+            return 401, b""
+        segments = [s for s in parts.path.split("/") if s]
+        if len(segments) != 3 or not segments[1].isdigit() or int(segments[1]) not in self.tasks:
+            return 404, b""
+        try:
+            uri = base64.urlsafe_b64decode(parse_qs(parts.query)["fileuri"][0]).decode()
+        except (KeyError, ValueError):
+            return 400, b""
+        if uri not in self.cloud:
+            return 404, b""  # no storage matches the URI
+        path = self.root / self.cloud[uri]
+        return (200, path.read_bytes()) if path.is_file() else (424, b'{"error": "Storage stream failed"}')
+
     def handle(self, method: str, url: str, headers: Any, body: bytes) -> tuple[int, Any]:
         parts = urlsplit(url)
         path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
@@ -132,6 +156,14 @@ def serve(fake: FakeLabelStudio, port: int = 0) -> tuple[http.server.ThreadingHT
         def do_GET(self) -> None:
             if self.path.startswith("/api/"):
                 self._api("GET")
+                return
+            if self.path.startswith("/tasks/"):
+                status, data = fake.resolve(self.path, self.headers)
+                self.send_response(status)
+                self.send_header("Content-Type", "image/png" if status == 200 else "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
                 return
             if delay := fake.delays.get(urlsplit(self.path).path):
                 time.sleep(delay)  # a slow image host: keeps a job busy long enough to kill its worker

@@ -24,6 +24,7 @@ import numpy as np
 from fastsam_backend.core.geometry import mask_geometry
 from fastsam_backend.core.masks import MaskSet
 from fastsam_backend.errors import BackendError, ModelUnavailable
+from fastsam_backend.images.cloud import ImageRef
 from fastsam_backend.labels.example_store import AnnotationExamples, ExampleStore, store_errors
 from fastsam_backend.labels.label_model import Example, LabelModel, choose_learned, label_scores
 from fastsam_backend.labels.zero_shot import LabelChoice, LabelPhrases, choose_labels
@@ -218,7 +219,7 @@ class Learner:
         url = ann.task_data.get(image_key)
         if not isinstance(url, str) or not url:
             raise BackendError(f"task {ann.task_id} has no data.{image_key} (the image URL)", status=400)
-        found = self.service.masks_for(url)
+        found = self.service.masks_for(ImageRef.of(url, ann.task_id))
         embeddings = self.service.crop_embeddings(found)
         examples = []
         for region in ann.regions:
@@ -238,7 +239,7 @@ class Learner:
     def _own_crop(self, found: ImageMasks, region: AnnotatedRegion) -> tuple[np.ndarray, np.ndarray]:
         """``(D,)`` CLIP embedding and ``(G,)`` geometry of the region's own mask."""
         clip = self.service.models.require_clip()
-        found.image = found.image or self.service.images.load(found.url)
+        found.image = found.image or self.service.images.load(found.ref)
         own = MaskSet.from_dense(region.mask[None], np.ones(1, np.float32))
         return clip.embed_masks(found.image.pixels, own)[0].astype(np.float32), mask_geometry(own)[0]
 

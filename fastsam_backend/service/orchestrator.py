@@ -30,6 +30,7 @@ from fastsam_backend.core.selection import (
 )
 from fastsam_backend.errors import BackendError, BadRequest, DeadlineExceeded, ModelUnavailable
 from fastsam_backend.finetune.tuned import Tuned, TunedModels
+from fastsam_backend.images.cloud import ImageRef, ImageSource
 from fastsam_backend.images.loader import ImageLoader, ImageSourceConfig, LoadedImage
 from fastsam_backend.labels.example_store import ExampleStore, MemoryExamples, make_example_store
 from fastsam_backend.labels.label_model import LabelModel
@@ -56,21 +57,29 @@ log = logging.getLogger(__name__)
 class ColdImage:
     """A task image fetched and decoded for segmenting, and the cache key its masks go under."""
 
-    url: str
+    ref: ImageRef
     image: LoadedImage
     key: ImageKey
+
+    @property
+    def url(self) -> str:
+        return self.ref.url
 
 
 @dataclass
 class ImageMasks:
     """The cached masks of one task image, and the image itself once it had to be fetched."""
 
-    url: str
+    ref: ImageRef  # the URL and the task id (a cloud image is fetched again through its task)
     key: ImageKey
     masks: MaskSet
     image: LoadedImage | None = None
     deadline: Deadline | None = None  # the request's, checked before each forward pass
     computed: bool = False  # this call segmented the image (a miss everywhere); the warm jobs count it
+
+    @property
+    def url(self) -> str:
+        return self.ref.url
 
 
 class FastSAMService:
@@ -229,7 +238,7 @@ class FastSAMService:
                       options: ProjectOptions, deadline: Deadline, learned: LabelModel | None = None,
                       tuned: Tuned | None = None) -> dict[str, Any]:
         """``prompts`` None: pre-annotation (no context); ``learned``: the project's learned labels."""
-        found = self.masks_for(task_image_url(task, config, index), deadline, tuned.segmenter if tuned else None)
+        found = self.masks_for(task_image(task, config, index), deadline, tuned.segmenter if tuned else None)
         if prompts is not None:
             result = self._answer_prompts(found, prompts, config, options, task.id, learned)
         else:
@@ -238,9 +247,10 @@ class FastSAMService:
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
                 "model_version": self.version_for(options, learned, tuned)}
 
-    def masks_for(self, image_url: str, deadline: Deadline | None = None,
+    def masks_for(self, image: ImageSource, deadline: Deadline | None = None,
                   segmenter: Segmenter | None = None) -> ImageMasks:
-        """All-instance masks of the image at ``image_url``: from the cache, else segmented once.
+        """All-instance masks of ``image`` (a URL, or an ``ImageRef`` with the task id a cloud URI
+        needs): from the cache, else segmented once.
 
         At most ``MAX_COLD_IMAGES`` images are fetched, decoded and segmented at once in this
         process (a burst of cold 12 MP images queues instead of exhausting memory); ``deadline``
@@ -248,12 +258,13 @@ class FastSAMService:
         """
         deadline, seg = deadline or Deadline(0), segmenter or self.segmenter  # a project's tuned one, or the base
         model_id, params = seg.identity, self.settings.inference_params()
+        ref = ImageRef.of(image)
         remember = self.settings.remember_image_urls
-        if remember and (digest := self.store.digest_for_url(image_url)) is not None:
+        if remember and (digest := self.store.digest_for_url(self.images.memo_key(ref))) is not None:
             key = ImageKey(digest, model_id, params)
             if (masks := self.store.peek_masks(key)) is not None:
                 metrics.CACHE_LOOKUPS.labels(result="hit").inc()
-                return ImageMasks(image_url, key, masks, deadline=deadline)
+                return ImageMasks(ref, key, masks, deadline=deadline)
         self._require_segmenter(seg)  # before downloading anything
         left = deadline.left()
         if not self._cold.acquire(timeout=left if left is not None else -1):
@@ -261,7 +272,7 @@ class FastSAMService:
                                    f"waiting for one of the MAX_COLD_IMAGES={self.settings.max_cold_images} "
                                    "slots (other cold images are being segmented)")
         try:
-            return self._segment_cold(image_url, deadline, model_id, params, seg)
+            return self._segment_cold(ref, deadline, model_id, params, seg)
         finally:
             self._cold.release()
 
@@ -277,9 +288,9 @@ class FastSAMService:
         if seg.error is not None:
             seg.load()
 
-    def _segment_cold(self, image_url: str, deadline: Deadline, model_id: str, params: dict,
+    def _segment_cold(self, ref: ImageRef, deadline: Deadline, model_id: str, params: dict,
                       segmenter: Segmenter) -> ImageMasks:
-        cold = self.load_cold(image_url, segmenter)
+        cold = self.load_cold(ref, segmenter)
         deadline.check("segmenting the image (it took that long to fetch and decode)")
 
         def compute() -> MaskSet:
@@ -295,26 +306,28 @@ class FastSAMService:
         found.deadline = deadline
         return found
 
-    def load_cold(self, image_url: str, segmenter: Segmenter | None = None) -> ColdImage:
+    def load_cold(self, source: ImageSource, segmenter: Segmenter | None = None) -> ColdImage:
         """The cold path's first half, shared with batched warm jobs (``jobs/batching.py``): the
-        image fetched and decoded, its URL remembered, and its cache key."""
-        seg = segmenter or self.segmenter
-        image = self.images.load(image_url)
+        image fetched and decoded, its URL remembered (``ImageLoader.memo_key``), and its cache key."""
+        seg, ref = segmenter or self.segmenter, ImageRef.of(source)
+        image = self.images.load(ref)
         if self.settings.remember_image_urls:
-            self.store.remember_url(image_url, image.digest)
-        return ColdImage(image_url, image, ImageKey(image.digest, seg.identity, self.settings.inference_params()))
+            self.store.remember_url(self.images.memo_key(ref), image.digest)
+        return ColdImage(ref, image, ImageKey(image.digest, seg.identity, self.settings.inference_params()))
 
     def store_cold(self, cold: ColdImage, compute: Callable[[], MaskSet]) -> ImageMasks:
         """The cold path's second half: ``compute``'s masks into the cache under the image's key,
         once across threads and processes (the store's single flight; a hit computes nothing)."""
         masks, hit = self.store.masks(cold.key, compute)
         metrics.CACHE_LOOKUPS.labels(result="hit" if hit else "miss").inc()
-        return ImageMasks(cold.url, cold.key, masks, cold.image, computed=not hit)
+        return ImageMasks(cold.ref, cold.key, masks, cold.image, computed=not hit)
 
-    def image_key_if_cached(self, image_url: str) -> ImageKey | None:
+    def image_key_if_cached(self, image: ImageSource) -> ImageKey | None:
         """The image's key when its URL is remembered and its masks are in the cache; downloads and
         decodes nothing (a key lookup), so enqueuers can skip what is warm already."""
-        if not self.settings.remember_image_urls or (digest := self.store.digest_for_url(image_url)) is None:
+        if not self.settings.remember_image_urls:
+            return None
+        if (digest := self.store.digest_for_url(self.images.memo_key(ImageRef.of(image)))) is None:
             return None
         key = ImageKey(digest, self.segmenter.identity, self.settings.inference_params())
         return key if self.store.has_masks(key) else None
@@ -326,7 +339,7 @@ class FastSAMService:
         def compute() -> np.ndarray:
             if found.deadline is not None:
                 found.deadline.check("embedding the masks' crops with CLIP")
-            found.image = found.image or self.images.load(found.url)
+            found.image = found.image or self.images.load(found.ref)
             return clip.embed_masks(found.image.pixels, found.masks)
 
         return self.store.embeddings(found.key, clip.identity, compute)
@@ -406,6 +419,11 @@ def task_image_url(task: Task, config: LabelConfig, index: int) -> str:
         raise BadRequest(f"tasks[{index}].data.{config.image_key} must be the image URL "
                          f"(the <Image value=\"${config.image_key}\"> of the label config)")
     return url
+
+
+def task_image(task: Task, config: LabelConfig, index: int) -> ImageRef:
+    """The task's image URL with the task's id (Label Studio serves cloud storage per task)."""
+    return ImageRef.of(task_image_url(task, config, index), task.id)
 
 
 def build_service(settings: Settings, segmenter: Segmenter | None = None) -> FastSAMService:
