@@ -191,3 +191,19 @@ def test_learning_and_training_fetch_through_the_task(cloud_ls, make_service, mo
     samples, keys = gather(service, ProjectClient(url, TOKEN, 1))
     assert keys == ["2"] and ImageRef(URIS[1], 2) in seen and len(samples) == 1
 
+
+
+def test_a_failed_click_names_the_fix_in_the_status_line_and_health_keeps_it(cloud_ls, make_service):
+    """Label Studio shows an interactive failure as ``"422 Client Error: <reason> for url: ..."``:
+    the reason phrase names the image and the fix; /health keeps the whole message."""
+    fake, url = cloud_ls
+    (fake.root / fake.cloud[URIS[0]]).unlink()
+    service = make_service(url)
+    client = create_app(service.settings, service).test_client()
+    answer = client.post("/predict", json=click_body(0, 1))
+    assert answer.status_code == 422
+    assert answer.status == f"422 {URIS[0]}: object missing or unreadable in the storage (HTTP 424)"
+    assert "HTTP 424" in answer.json["error"] and "could not read the object" in answer.json["error"]
+    failures = client.get("/health").json["recent_failures"]
+    assert failures["count"] == 1 and failures["last"][0]["task"] == 1
+    assert failures["last"][0]["error"] == "tasks[0] (id 1): " + answer.json["error"]

@@ -45,6 +45,7 @@ from fastsam_backend.models.clip import ClipConfig, ClipScorer
 from fastsam_backend.models.readiness import Models
 from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig
 from fastsam_backend.service.deadline import Deadline
+from fastsam_backend.service.failures import RecentFailures
 from fastsam_backend.service.learning import LearnConfig, Learner
 from fastsam_backend.service.options import ProjectOptions
 from fastsam_backend.service.prelabel import pre_annotate
@@ -103,6 +104,7 @@ class FastSAMService:
             settings.learn_enabled, settings.learn_min_examples, settings.learn_match_iou,
             settings.learn_min_similarity, refresh_s=settings.learn_refresh_s))
         self.tuned = TunedModels(settings)  # projects' adopted fine-tuned checkpoints (finetune/tuned.py)
+        self.failures = RecentFailures()  # the last /predict failures, for /health
 
     # ----------------------------------------------------------------- setup
     @property
@@ -184,8 +186,11 @@ class FastSAMService:
         ``BATCH_TIME_BUDGET_S`` is spent (Label Studio gives up on /predict after 100 s and would
         drop the whole batch), the tasks not yet started get such an entry too. Label Studio logs
         those entries, stores no prediction for them, and sends them again on its next run (it
-        skips the tasks that have a prediction of this model version). A single task, an
-        interactive request, or a batch where every task fails is answered with the error (4xx).
+        skips the tasks that have a prediction of this model version). A single task or an
+        interactive request is answered with the error (4xx; its reason phrase, which Label Studio
+        logs and shows, names a cloud image's fix). A batch where every task fails is answered
+        with the entries too: Label Studio logs a non-2xx answer's status line only, but each
+        entry whole. Every failure is kept for ``/health`` (``failures``).
         """
         tasks = request.tasks
         deadline = Deadline(self.settings.predict_deadline_s)
@@ -199,14 +204,19 @@ class FastSAMService:
             answer_tags(config, options.interactive_output)  # a config with nowhere to put masks: 400 first
         if interactive or len(tasks) == 1:
             self.models.wait_until_loaded()
-            return [self._predict_task(task, i, config, prompts if interactive else None, options, deadline, learned,
-                                       tuned)
-                    for i, task in enumerate(tasks)]
+            answers = []
+            for i, task in enumerate(tasks):
+                try:
+                    answers.append(self._predict_task(task, i, config, prompts if interactive else None, options,
+                                                      deadline, learned, tuned))
+                except BackendError as exc:
+                    self.failures.add(task.id, f"{_task_name(task, i)}: {exc.message}", exc.status)
+                    raise
+            return answers
 
         self.models.wait_until_loaded()  # the budget is for per-task work, not for a load after start-up
         budget = self.settings.batch_time_budget_s
         predictions: list[dict[str, Any]] = []
-        first_failure: BackendError | None = None
         started, slowest = time.monotonic(), 0.0
         for i, task in enumerate(tasks):
             elapsed = time.monotonic() - started
@@ -227,11 +237,10 @@ class FastSAMService:
                 log.warning("batch of %d tasks: %s skipped: %s", len(tasks), _task_name(task, i), exc.message)
                 metrics.BATCH_TASKS.labels(outcome="failed").inc()
                 predictions.append({"error": f"{_task_name(task, i)}: {exc.message}"})
-                first_failure = first_failure or exc
+                self.failures.add(task.id, predictions[-1]["error"], exc.status)
             slowest = max(slowest, time.monotonic() - task_started)
-        if first_failure is not None and all("error" in p for p in predictions):
-            message = f"all {len(tasks)} tasks failed; {predictions[0]['error']}"
-            raise type(first_failure)(message, status=first_failure.status) from first_failure
+        if all("error" in p for p in predictions):
+            log.warning("batch of %d tasks: every task failed; the first: %s", len(tasks), predictions[0]["error"])
         return predictions
 
     def _predict_task(self, task: Task, index: int, config: LabelConfig, prompts: Prompts | None,
