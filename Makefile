@@ -13,7 +13,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.s
 run: $(STAMP)
 	$(VENV)/bin/fastsam-backend serve
 
-# What tests/real_ls needs besides .venv: Label Studio in .venv-ls, Chromium + chromedriver, selenium.
+# What tests/real_ls needs besides .venv: Label Studio in .venv-ls, moto's S3 server in .venv-moto, Chromium + chromedriver, selenium.
 test-env: $(STAMP)
 	PY=$(PY) PROJECT_PY=$(VENV)/bin/python scripts/install_test_env.sh
 
@@ -53,4 +53,4 @@ audit: $(STAMP)
 	$(VENV)/bin/python scripts/audit_requirements.py
 
 clean:
-	rm -rf $(VENV) .venv-ls .pytest_cache .ruff_cache site
+	rm -rf $(VENV) .venv-ls .venv-moto .pytest_cache .ruff_cache site

@@ -3,13 +3,17 @@
 #   - .venv-ls: Label Studio $LS_VERSION in a venv of its own (its pins clash with ours);
 #     skipped when that version is already installed there;
 #   - Debian chromium + chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver) when missing;
-#   - selenium (pinned in requirements-dev.txt) in the project venv when missing.
+#   - selenium (pinned in requirements-dev.txt) in the project venv when missing;
+#   - .venv-moto: moto's S3-compatible server $MOTO_VERSION in a venv of its own (the cloud storage
+#     tests, tests/real_ls/test_cloud_storage.py); skipped when that version is there already.
 # Used by `make test-env` (so by `make test` and .ci/run); not by the Dockerfile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-python3}"
 LS_VENV="${LS_VENV:-.venv-ls}"
 LS_VERSION=1.23.2
+MOTO_VENV="${MOTO_VENV:-.venv-moto}"
+MOTO_VERSION=5.2.5
 PROJECT_PY="${PROJECT_PY:-.venv/bin/python}"
 
 installed_version() {  # $1: python, $2: distribution
@@ -23,6 +27,15 @@ else
   test -x "$LS_VENV/bin/python" || "$PY" -m venv "$LS_VENV"
   "$LS_VENV/bin/python" -m pip install --no-cache-dir "label-studio==$LS_VERSION"
   test "$(installed_version "$LS_VENV/bin/python" label-studio)" = "$LS_VERSION"
+fi
+
+# --- moto's S3 server, in its own venv (its boto pins are not ours)
+if [ "$(installed_version "$MOTO_VENV/bin/python" moto)" = "$MOTO_VERSION" ] && [ -x "$MOTO_VENV/bin/moto_server" ]; then
+  echo "moto $MOTO_VERSION already in $MOTO_VENV"
+else
+  test -x "$MOTO_VENV/bin/python" || "$PY" -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/python" -m pip install --no-cache-dir "moto[server]==$MOTO_VERSION"
+  test "$(installed_version "$MOTO_VENV/bin/python" moto)" = "$MOTO_VERSION"
 fi
 
 # --- headless Chromium and its driver, from Debian
@@ -40,4 +53,4 @@ SELENIUM_PIN="$(grep -E '^selenium==' requirements-dev.txt)"
 if [ "selenium==$(installed_version "$PROJECT_PY" selenium)" != "$SELENIUM_PIN" ]; then
   "$PROJECT_PY" -m pip install --no-cache-dir "$SELENIUM_PIN"
 fi
-echo "test env ready: $LS_VENV (label-studio $LS_VERSION), chromium, $SELENIUM_PIN"
+echo "test env ready: $LS_VENV (label-studio $LS_VERSION), $MOTO_VENV (moto $MOTO_VERSION), chromium, $SELENIUM_PIN"
