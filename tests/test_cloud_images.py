@@ -81,9 +81,11 @@ class Handler(BaseHTTPRequestHandler):
         parts = urllib.parse.urlsplit(self.path)
         if role == "storage":
             if state.storage_status is not None:
-                return self._send(state.storage_status, b"<Error/>", "application/xml")
+                return self._send(state.storage_status, b"<Error><Code>AccessDenied</Code></Error>", "application/xml")
             found = state.objects.get(urllib.parse.unquote(parts.path.lstrip("/")))
-            return self._send(200, found, "image/png") if found is not None else self._send(404, b"<Error/>")
+            if found is None:
+                return self._send(404, b"<?xml version='1.0'?><Error><Code>NoSuchKey</Code></Error>", "application/xml")
+            return self._send(200, found, "image/png")
         pieces = parts.path.strip("/").split("/")  # tasks/<id>/resolve
         if len(pieces) != 3 or pieces[0] != "tasks" or pieces[2] not in ("resolve", "presign"):
             return self._send(404)
@@ -214,8 +216,9 @@ def test_a_truncated_proxied_stream_is_named_and_not_retried(cloud):
     ("no such task", r"HTTP 404; Label Studio has no such task, or none of the project's source storages"),
     ("no storage", r"HTTP 404; .*add the bucket \(and prefix\) as the project's source storage"),
     ("missing object, proxied", r"HTTP 424; Label Studio could not read the object from the storage"),
-    ("missing object, presigned", r"from the storage host: .*HTTP 404; the object is missing from the bucket"),
-    ("storage denies", r"from the storage host: .*HTTP 403; access denied"),
+    ("missing object, presigned", r"storage host: .*HTTP 404 NoSuchKey; the object is missing from the bucket"),
+    ("storage denies", r"from the storage host: .*HTTP 403 AccessDenied; the storage refused the pre-signed URL: "
+                       r"the object may be missing \(S3 answers 403"),
 ])
 def test_errors_name_their_fix(cloud, case, fix):
     url, state = cloud
@@ -267,6 +270,21 @@ def test_setup_fallback_serves_cloud_images_too(cloud):
     images = loader(None, key=None)
     images.set_fallback(url, LEGACY_KEY)
     assert images.load(ImageRef(URIS["gs"], 7)).digest == hashlib.sha256(PNG).hexdigest()
+
+
+def test_label_studio_s_resolve_paths_are_read_as_the_uri(cloud):
+    """Label Studio's API (so the SDK's tasks: preannotate, train) shows a cloud URI as its resolve path."""
+    url, state = cloud
+    _store(state, URIS["s3"], presign=True)
+    images = loader(url)
+    path = resolve_path(URIS["s3"], 7)
+    assert images.load(path).digest == hashlib.sha256(PNG).hexdigest()
+    assert images.memo_key(path) == images.memo_key(URIS["s3"])
+    state.objects.clear()
+    with pytest.raises(ImageError, match="HTTP 404 NoSuchKey; the object is missing"):
+        images.load(path.replace("/resolve/", "/presign/"))
+    assert images.memo_key("/tasks/7/resolve/?fileuri=" + base64.urlsafe_b64encode(b"/etc/x").decode()) \
+        .startswith("/tasks/")  # not a cloud URI: left as it is
 
 
 def test_refs_and_task_ids():

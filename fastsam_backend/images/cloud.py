@@ -17,7 +17,10 @@ The URL -> digest memo of a cloud image is keyed on the URI and the Label Studio
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from fastsam_backend.errors import ImageError
 
@@ -73,6 +76,25 @@ def resolve_path(uri: str, task_id: int) -> str:
     return RESOLVE_PATH.format(task_id=task_id, fileuri=fileuri)
 
 
+_RESOLVE = re.compile(r"/tasks/(\d+)/(?:resolve|presign)/?$")
+
+
+def from_resolve_path(url: str) -> ImageRef | None:
+    """A Label Studio resolve path (``/tasks/<id>/resolve/?fileuri=…``, which its API shows a cloud
+    task's URI as: the SDK's tasks, so ``preannotate`` and ``train``) read back as the ``ImageRef``
+    it stands for, else None; so it is cached, and fails, as the URI itself."""
+    parts = urlsplit(url.strip())
+    found = _RESOLVE.fullmatch(parts.path)
+    if parts.scheme or parts.netloc or found is None:
+        return None
+    fileuri = (parse_qs(parts.query).get("fileuri") or [""])[-1]
+    try:
+        uri = base64.urlsafe_b64decode(fileuri + "=" * (-len(fileuri) % 4)).decode()
+    except (binascii.Error, ValueError):
+        return None
+    return ImageRef(uri, int(found.group(1))) if cloud_scheme(uri) else None
+
+
 def memo_url(uri: str, label_studio: str | None) -> str:
     """What the URL -> digest memo keys a cloud image on: the URI within one Label Studio instance
     (the same bucket name in another instance may be another bucket)."""
@@ -116,19 +138,26 @@ def label_studio_error(uri: str, task_id: int, status: int, source: str) -> Imag
                       reason=_reason(f"{shown(uri)}: {short} (HTTP {status})"))
 
 
-def storage_error(uri: str, status: int, source: str) -> ImageError:
-    """The storage host's answer to Label Studio's presigned URL (the 303's target)."""
-    fixes = {
-        403: "access denied: the source storage's credentials may not read the object, or the pre-signed URL "
-             "expired (check the storage credentials, the clocks, and 'Expire pre-signed URLs' in the storage)",
-        404: "the object is missing from the bucket (deleted or renamed since the storage was synced): sync the "
-             "source storage again",
-    }
-    fix = fixes.get(status, "the storage host refused the pre-signed URL")
-    short = {403: "the storage denied the pre-signed URL", 404: "object missing from the bucket"}.get(
-        status, "the storage refused the pre-signed URL")
-    return ImageError(f"could not fetch {shown(uri)} from the storage host: {source}: HTTP {status}; {fix}",
-                      reason=_reason(f"{shown(uri)}: {short} (HTTP {status})"))
+def storage_error(uri: str, status: int, source: str, body: bytes = b"") -> ImageError:
+    """The storage host's answer to Label Studio's presigned URL (the 303's target); ``body``, the
+    start of its answer, may hold the S3 (or GCS, Azure) error code."""
+    found = re.search(rb"<Code>([A-Za-z]{1,64})</Code>", body)
+    code = found.group(1).decode() if found else None
+    missing = "the object is missing from the bucket (deleted or renamed since the storage was synced): sync the " \
+              "source storage again"
+    if code in ("NoSuchKey", "BlobNotFound") or (status == 404 and code in (None, "NoSuchBucket")):
+        fix, short = missing, "object missing from the bucket"
+    elif status == 403:
+        fix = ("the storage refused the pre-signed URL: the object may be missing (S3 answers 403, not 404, to a "
+               "signer that may not list the bucket), the source storage's credentials may not read it, or the URL "
+               "expired: check the object exists, then the storage credentials, the clocks and 'Expire pre-signed "
+               "URLs'")
+        short = "object missing or access denied at the storage"
+    else:
+        fix, short = "the storage host refused the pre-signed URL", "the storage refused the pre-signed URL"
+    tag = f"HTTP {status}" + (f" {code}" if code else "")
+    return ImageError(f"could not fetch {shown(uri)} from the storage host: {source}: {tag}; {fix}",
+                      reason=_reason(f"{shown(uri)}: {short} ({tag})"))
 
 
 def truncated(uri: str, source: str, received: int, expected: int) -> ImageError:

@@ -52,6 +52,7 @@ class Reply:
     source: str  # "host[:port]", or "first (redirected to last)"
     credentials_sent: bool  # whether the caller's headers went with the last hop
     redirected: bool = False  # the answer came from a redirect's target, not the first host
+    error_body: bytes = b""  # the start of a non-2xx answer's body, when the caller asked for it
 
 
 class FetchError(Exception):
@@ -155,11 +156,12 @@ class Downloader:
             self._tls = {"cert_reqs": "CERT_REQUIRED", "ssl_context": context}
 
     def request(self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
-                max_redirects: int | None = None, retry_truncated: bool = True) -> Reply:
+                max_redirects: int | None = None, retry_truncated: bool = True, error_body: int = 0) -> Reply:
         """The final answer after redirects (any status); raises ``FetchError`` for transport
         failures, ``BadRequest``/``OutboundRefused`` for URLs the policy refuses. A body shorter than
         its Content-Length is retried like a dropped connection unless ``retry_truncated`` is false
-        (Label Studio's proxy cuts streams at a fixed time: a retry is cut again)."""
+        (Label Studio's proxy cuts streams at a fixed time: a retry is cut again). ``error_body``: read
+        up to that many bytes of a non-2xx answer (a storage host's error code), within the deadline."""
         deadline = time.monotonic() + self.timeout_s
         hops = self.max_redirects if max_redirects is None else max_redirects
         watchdog = _Watchdog(deadline)
@@ -169,7 +171,8 @@ class Downloader:
                                     wait=wait_exponential(multiplier=0.1, max=1.0)):
                 with attempt:
                     try:
-                        reply = self._chain(method, url, dict(headers or {}), body, deadline, hops, watchdog)
+                        reply = self._chain(method, url, dict(headers or {}), body, deadline, hops, watchdog,
+                                            error_body)
                     except FetchError as exc:
                         if exc.transient and (retry_truncated or not exc.truncated):
                             raise _Retry(exc) from None
@@ -186,7 +189,7 @@ class Downloader:
         raise AssertionError("unreachable")
 
     def _chain(self, method: str, url: str, headers: dict[str, str], body: bytes | None, deadline: float,
-               hops: int, watchdog: _Watchdog) -> Reply:
+               hops: int, watchdog: _Watchdog, error_body: int = 0) -> Reply:
         first: UrlParts | None = None
         source = "?"
         for hop in range(hops + 1):
@@ -199,7 +202,7 @@ class Downloader:
                 if (parts.host, parts.port) != (first.host, first.port):
                     headers = {}  # credentials never follow a redirect elsewhere, nor come back
             status, location, reply = self._exchange(method, target, headers, body, deadline, source, watchdog,
-                                                     redirected=hop > 0)
+                                                     redirected=hop > 0, error_body=error_body)
             if reply is not None:
                 return reply
             if hop == hops:
@@ -229,7 +232,7 @@ class Downloader:
 
     def _exchange(self, method: str, target: Target, headers: dict[str, str], body: bytes | None,
                   deadline: float, source: str, watchdog: _Watchdog,
-                  redirected: bool = False) -> tuple[int, str, Reply | None]:
+                  redirected: bool = False, error_body: int = 0) -> tuple[int, str, Reply | None]:
         """One request/response on a fresh connection: ``(status, location, None)`` for a
         redirect to follow, else ``(status, "", reply)``."""
         phase, received, expected = "connecting", 0, None
@@ -245,7 +248,13 @@ class Downloader:
             if status in REDIRECTS and location:
                 return status, location, None
             if not 200 <= status < 300:
-                return status, "", Reply(status, b"", content_type, source, bool(headers), redirected)
+                start = b""
+                if error_body:
+                    with suppress(Exception):  # only a hint for the message: never a failure of its own
+                        if conn.sock is not None:
+                            conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                        start = resp.read(error_body)
+                return status, "", Reply(status, b"", content_type, source, bool(headers), redirected, start)
             declared = resp.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > self.max_bytes:
                 raise FetchError(source, f"larger than the limit of {self.max_bytes} bytes (MAX_IMAGE_BYTES; "

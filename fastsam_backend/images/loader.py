@@ -168,6 +168,7 @@ class ImageLoader:
         """What the URL -> digest memo keys this image on: the URL as the task holds it; for a cloud
         URI, the URI within this Label Studio instance (never the resolve or presigned URL: they expire)."""
         ref = ImageRef.of(source)
+        ref = cloud.from_resolve_path(ref.url) or ref
         return cloud.memo_url(ref.url, self._credentials()[0]) if ref.cloud_scheme else ref.url
 
     def load(self, source: ImageSource) -> LoadedImage:
@@ -182,6 +183,7 @@ class ImageLoader:
         return _base(self.config.label_studio_url) or base, self.config.api_key or key
 
     def _fetch(self, ref: ImageRef) -> _Fetched:
+        ref = cloud.from_resolve_path(ref.url or "") or ref  # LS's API shows cloud URIs as their resolve paths
         url = (ref.url or "").strip()
         if not url:
             raise ImageError("the task has no image URL")
@@ -299,7 +301,8 @@ class ImageLoader:
         def get(url: str, headers: dict[str, str], raise_401: bool = False) -> _Fetched:
             started = time.monotonic()
             try:
-                reply = self._downloader.request("GET", url, headers=headers, retry_truncated=False)
+                reply = self._downloader.request("GET", url, headers=headers, retry_truncated=False,
+                                                 error_body=2048)
             except FetchError as exc:
                 log.warning("could not fetch %s (task %s) from %s: %s", cloud.shown(uri), task_id, exc.source,
                             exc.cause)
@@ -318,7 +321,7 @@ class ImageLoader:
                 log.warning("could not fetch %s (task %s) from %s: HTTP %d", cloud.shown(uri), task_id,
                             reply.source, reply.status)
                 if reply.redirected:
-                    raise cloud.storage_error(uri, reply.status, reply.source)
+                    raise cloud.storage_error(uri, reply.status, reply.source, reply.error_body)
                 raise cloud.label_studio_error(uri, task_id, reply.status, reply.source)
             log.debug("fetched %s (task %s) via %s: %d bytes, %.0f ms", cloud.shown(uri), task_id, reply.source,
                       len(reply.data), (time.monotonic() - started) * 1000)
