@@ -207,3 +207,23 @@ def test_a_failed_click_names_the_fix_in_the_status_line_and_health_keeps_it(clo
     failures = client.get("/health").json["recent_failures"]
     assert failures["count"] == 1 and failures["last"][0]["task"] == 1
     assert failures["last"][0]["error"] == "tasks[0] (id 1): " + answer.json["error"]
+
+
+def test_the_warm_cli_names_a_cloud_uri_s_task(own_redis, cloud_ls, fastsam_weights, tmp_path):
+    """``warm s3://… --task ID`` queues ``(uri, task id)``; ``--project`` takes each task's id."""
+    from click.testing import CliRunner
+
+    from fastsam_backend.cli import main
+    from fastsam_backend.settings import load_settings
+
+    _, url = cloud_ls
+    env = {"REDIS_URL": own_redis.url, "FASTSAM_WEIGHTS": str(fastsam_weights), "MODEL_DIR": str(tmp_path),
+           "FASTSAM_ALLOW_DOWNLOAD": "false", "CLIP_ENABLED": "false", "OUTBOUND_ALLOW": "127.0.0.1"}
+    result = CliRunner().invoke(main, ["warm", URIS[0], "--task", "1", "--url", url, "--api-key", TOKEN], env=env)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["warm", "--project", "1", "--url", url, "--api-key", TOKEN], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"{len(URIS)} images: {len(URIS) - 1} warm jobs enqueued, 1 queued or running already" in result.output
+    queues = JobQueues(QueueConfig.from_settings(load_settings(redis_url=own_redis.url)))
+    jobs = queues.queues[JobKind.WARM].get_jobs()
+    assert sorted(tuple(j.args) for j in jobs) == [(u, i + 1) for i, u in enumerate(URIS)]
