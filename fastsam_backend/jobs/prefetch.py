@@ -38,18 +38,18 @@ class PrefetchingLoader:
         self.taken = 0  # loads answered from a prefetch (for the worker's log and the tests)
 
     def prefetch(self, source: ImageSource) -> None:
-        url = ImageRef.of(source)  # keyed by URL and task id
+        ref = ImageRef.of(source)  # keyed by URL and task id
         with self._lock:
-            if url in self._ahead:
+            if ref in self._ahead:
                 return
             while len(self._ahead) >= self.depth:
                 self._ahead.popitem(last=False)[1].cancel()
-            self._ahead[url] = self._pool.submit(self.loader.load, url)
+            self._ahead[ref] = self._pool.submit(self.loader.load, ref)
 
     def load(self, source: ImageSource) -> LoadedImage:
-        url = ImageRef.of(source)
+        ref = ImageRef.of(source)
         with self._lock:
-            ahead = self._ahead.pop(url, None)
+            ahead = self._ahead.pop(ref, None)
         if ahead is not None and not ahead.cancelled():
             try:
                 image = ahead.result()
@@ -57,7 +57,7 @@ class PrefetchingLoader:
                 return image
             except Exception as exc:  # the job tries once more itself and reports its own error
                 log.debug("prefetch of an image failed (%s); loading it again", type(exc).__name__)
-        return self.loader.load(url)
+        return self.loader.load(ref)
 
     def close(self) -> None:
         with self._lock:
