@@ -20,6 +20,15 @@ worker that dies holding it leaves it to RQ's cleanup, which fails it over to a 
 longer than ``AHEAD_MAX_S`` (a long current job) or held at a warm shutdown goes back to the front
 of its queue instead. On a GPU a worker takes up to ``WORKER_BATCH - 1`` jobs ahead and segments
 their images with the current job's in one forward pass (``batching.py``).
+
+A Redis outage (a restart, a lost connection) does not end a worker: RQ's own loop waits while it
+dequeues, and every other Redis call of the worker -- recording a job's start and end, its
+heartbeats, taking ahead and giving back, the worker's own registration -- waits with backoff too
+(``outage.py``), says so once, and resumes. The job in hand finishes and its end is recorded once
+Redis is back; a Redis that came back empty (no persistence) gets the worker's registration again,
+and the jobs it lost are enqueued again by whoever follows them (``preannotate_project.py``). A
+worker exits only on a signal (during an outage, the job in hand is left to RQ's cleanup, which
+retries it) or a fatal configuration error. See docs/operations.md#faults.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from typing import Any
 from fastsam_backend.errors import BadRequest
 from fastsam_backend.jobs.batching import GPU_BATCH, warm_batch
 from fastsam_backend.jobs.functions import install_service
+from fastsam_backend.jobs.outage import RedisWait, is_outage
 from fastsam_backend.jobs.prefetch import PrefetchingLoader
 from fastsam_backend.jobs.queues import JobKind, QueueConfig, connect, count
 from fastsam_backend.settings import Settings, available_cores
@@ -71,7 +81,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
     one, or the next ``batch - 1`` when ``warm_batch(urls)`` is given too, which is called with the
     URLs of a warm job and of those taken ahead before that job runs (``batching.py``)."""
     depth = max(1, batch - 1) if warm_batch is not None else 1
-    from rq import Queue, SimpleWorker
+    from rq import Queue, SimpleWorker, worker_registration
+    from rq.exceptions import StopRequested
     from rq.serializers import JSONSerializer
     from rq.utils import get_version
     from rq.worker import WorkerStatus
@@ -86,6 +97,51 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             super().__init__(*args, **kwargs)
             self.ahead: list[tuple[Any, Any, float]] = []  # (job, queue, monotonic time taken), next first
             self.started_ahead: str | None = None
+            self.redis_wait = RedisWait(stopping=lambda: self._stop_requested)
+
+        def wait(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
+            """``fn(...)``, waiting out a Redis outage (for as long as it lasts, or until told to stop)."""
+            return self.redis_wait.call(fn, *args, what=what, **kwargs)
+
+        # RQ's loop retries its dequeue on connection errors, but any other Redis error that reaches
+        # it ends the worker ("found an unhandled exception, quitting"): each Redis use RQ makes
+        # outside the dequeue is wrapped here so that it waits instead
+        def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+            if pipeline is not None:
+                return super().heartbeat(timeout, pipeline)
+            self.wait(super().heartbeat, timeout, what="sending the worker's heartbeat")
+            self.wait(self.ensure_registered, what="registering the worker")
+
+        def ensure_registered(self) -> None:
+            """Registered again after a Redis that restarted empty, so that ``Worker.all`` (the
+            followers' "is anyone listening" and ``/metrics``) sees this worker."""
+            if self.connection.sismember(self.redis_workers_keys, self.key):
+                return
+            log.warning("worker %s: registering again (Redis lost its registration)", self.name)
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                pipe.execute()
+
+        def check_for_suspension(self, burst: bool) -> None:
+            self.wait(super().check_for_suspension, burst, what="checking for a suspension")
+
+        def run_maintenance_tasks(self) -> None:
+            self.wait(super().run_maintenance_tasks, what="RQ's maintenance")
+
+        def set_state(self, state: Any, pipeline: Any = None) -> None:
+            if pipeline is not None:
+                return super().set_state(state, pipeline)
+            self.wait(super().set_state, state, what="recording the worker's state")
+
+        def _finalize_success(self, job: Any, queue: Any, execution: Any, return_value: Any) -> None:
+            self.wait(super()._finalize_success, job, queue, execution, return_value,
+                      what=f"recording job {job.id} as done")
+
+        def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
+            self.wait(super()._finalize_failure, job, queue, execution, exc_info,
+                      what=f"recording the failure of job {job.id}")
 
         def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
             while self.ahead:
@@ -117,8 +173,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 log.warning("could not take the next job ahead: %s", exc)
 
         def give_back(self, job: Any, queue: Any) -> None:
-            give_back(queue, job.id)
-            self.connection.delete(config.ahead_key(job.id))
+            self.wait(give_back, queue, job.id, what=f"giving job {job.id} back to its queue")
+            self.wait(self.connection.delete, config.ahead_key(job.id), what="giving a job back")
 
         def give_back_ahead(self) -> None:
             held, self.ahead = self.ahead, []
@@ -126,14 +182,23 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 self.give_back(job, queue)
 
         def execute_job(self, job: Any, queue: Any) -> None:
+            try:
+                self._execute_job(job, queue)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # only when asked to stop during an outage: the job stays in the started registry (or
+                # its intermediate list), where RQ's cleanup finds it once Redis answers and retries it
+                log.warning("worker %s: stopping during a Redis outage; job %s is left to be retried", self.name,
+                            job.id)
+                raise StopRequested() from None
+
+        def _execute_job(self, job: Any, queue: Any) -> None:
             self.take_ahead()
-            execution = self.prepare_execution(job)
+            execution = self.wait(self.prepare_execution, job, what=f"recording the start of job {job.id}")
             if self.started_ahead == job.id:  # started: RQ's started registry covers it now
                 self.started_ahead = None
-                with self.connection.pipeline() as pipe:
-                    pipe.lrem(queue.intermediate_queue.key, 1, job.id)  # RQ leaves it there with 2+ queues
-                    pipe.delete(config.ahead_key(job.id))
-                    pipe.execute()
+                self.wait(self._forget_ahead, job, queue, what=f"starting job {job.id}")
             done = threading.Event()
             beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
             beat.start()
@@ -146,6 +211,12 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 beat.join(HEARTBEAT_S + 5)
             self.set_state(WorkerStatus.IDLE)
 
+        def _forget_ahead(self, job: Any, queue: Any) -> None:
+            with self.connection.pipeline() as pipe:
+                pipe.lrem(queue.intermediate_queue.key, 1, job.id)  # RQ leaves it there with 2+ queues
+                pipe.delete(config.ahead_key(job.id))
+                pipe.execute()
+
         def run_batch(self, job: Any) -> None:
             urls = [job.args[0], *(ahead.args[0] for ahead, _, _ in self.ahead)]  # warm jobs: (url,)
             try:
@@ -154,11 +225,14 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 log.warning("batch of %d warm jobs failed: %s", len(urls), exc)
 
         def _beat(self, job: Any, execution: Any, done: threading.Event) -> None:
+            failing = False
             while not done.wait(HEARTBEAT_S):
                 try:
                     self.maintain_heartbeats(job, execution)
-                except Exception as exc:  # Redis away for a moment: the next beat tries again
-                    log.warning("heartbeat of job %s failed: %s", job.id, exc)
+                    failing = False
+                except Exception as exc:  # Redis away for a moment: the next beat tries again (said once)
+                    (log.debug if failing else log.warning)("heartbeat of job %s failed: %s", job.id, exc)
+                    failing = True
 
         def clean_registries(self) -> None:
             self.last_cleaned_at = _utcnow()  # the maintenance thread cleans, under its own lock
