@@ -77,6 +77,11 @@ class QueueConfig:
     def maintenance_key(self) -> str:
         return f"{self.prefix}jobs:maintenance"
 
+    def running_key(self, job_id: str) -> str:
+        """Set while a worker runs ``job_id`` (refreshed with its heartbeat, set again after a Redis that
+        restarted empty): a follower never enqueues again a job that is still running (``follow.py``)."""
+        return f"{self.prefix}jobs:running:{job_id}"
+
     def ahead_key(self, job_id: str) -> str:
         """Set while a worker holds ``job_id`` taken ahead of its current job (``worker.py``)."""
         return f"{self.prefix}jobs:ahead:{job_id}"
@@ -137,14 +142,52 @@ class JobQueues:
                 job.delete()  # finished or failed earlier: this is a new request for the work
         return False
 
+    def remove_queued(self, kind: JobKind, job_ids: list[str]) -> int:
+        """Deletes those of ``job_ids`` still waiting in ``kind``'s queue (not those running), so that
+        enqueueing them later is a new job, not a duplicate of one in no list."""
+        removed = 0
+        for job_id in job_ids:
+            if self.queues[kind].remove(job_id):
+                job = self._fetch_or_none(job_id)
+                if job is not None:
+                    job.delete()
+                removed += 1
+        return removed
+
+    def live_workers(self, kind: JobKind) -> int:
+        """Workers registered on ``kind``'s queue whose registration has not expired (a worker's key
+        lives ``WORKER_TTL_S`` past its last heartbeat, so a killed one drops out within a minute)."""
+        from rq import worker_registration
+
+        keys = list(self.connection.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % self.config.queue_name(kind)))
+        if not keys:
+            return 0
+        with self.connection.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            return sum(bool(found) for found in pipe.execute())
+
+    def running(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` a live worker says it is running (``QueueConfig.running_key``)."""
+        if not job_ids:
+            return set()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self.config.running_key(job_id))
+            return {job_id for job_id, found in zip(job_ids, pipe.execute()) if found}
+
     def states(self, job_ids: list[str]) -> list[JobState]:
         """Current state of each job (one round trip per 500 ids)."""
+        from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
         out: list[JobState] = []
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
-            jobs = Job.fetch_many(chunk, connection=self.connection, serializer=self.serializer)
+            try:
+                jobs = Job.fetch_many(chunk, connection=self.connection, serializer=self.serializer)
+            except NoSuchJobError:  # a half-written job hash (a heartbeat racing a Redis restart): one by one
+                jobs = [self._fetch_or_none(job_id) for job_id in chunk]
             for job_id, job in zip(chunk, jobs):
                 if job is None:
                     out.append(JobState(job_id, None))
@@ -158,6 +201,15 @@ class JobQueues:
                     result = value if isinstance(value, dict) else None
                 out.append(JobState(job_id, status, reason, result))
         return out
+
+    def _fetch_or_none(self, job_id: str) -> Any:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            return Job.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        except NoSuchJobError:
+            return None
 
 
 def _failure_reason(job: Any) -> str:

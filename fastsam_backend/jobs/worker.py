@@ -115,8 +115,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
         def ensure_registered(self) -> None:
             """Registered again after a Redis that restarted empty, so that ``Worker.all`` (the
             followers' "is anyone listening" and ``/metrics``) sees this worker."""
-            if self.connection.sismember(self.redis_workers_keys, self.key):
-                return
+            if self.birth_date is None or self.connection.sismember(self.redis_workers_keys, self.key):
+                return  # not started yet (RQ registers it then), or registered
             log.warning("worker %s: registering again (Redis lost its registration)", self.name)
             with self.connection.pipeline() as pipe:
                 pipe.hset(self.key, mapping=self.serialize())
@@ -199,6 +199,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             if self.started_ahead == job.id:  # started: RQ's started registry covers it now
                 self.started_ahead = None
                 self.wait(self._forget_ahead, job, queue, what=f"starting job {job.id}")
+            self.wait(self.connection.set, config.running_key(job.id), self.name, ex=HEARTBEAT_TTL_S,
+                      what=f"starting job {job.id}")
             done = threading.Event()
             beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
             beat.start()
@@ -209,6 +211,7 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             finally:
                 done.set()
                 beat.join(HEARTBEAT_S + 5)
+            self.wait(self.connection.delete, config.running_key(job.id), what=f"ending job {job.id}")
             self.set_state(WorkerStatus.IDLE)
 
         def _forget_ahead(self, job: Any, queue: Any) -> None:
@@ -229,6 +232,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             while not done.wait(HEARTBEAT_S):
                 try:
                     self.maintain_heartbeats(job, execution)
+                    self.connection.set(config.running_key(job.id), self.name, ex=HEARTBEAT_TTL_S)
+                    self.ensure_registered()
                     failing = False
                 except Exception as exc:  # Redis away for a moment: the next beat tries again (said once)
                     (log.debug if failing else log.warning)("heartbeat of job %s failed: %s", job.id, exc)
@@ -290,6 +295,7 @@ class Maintenance(threading.Thread):
         last_clean, warned = 0.0, False
         while not self.stopped.wait(TICK_S):
             try:
+                self.worker.ensure_registered()  # at once after a Redis that restarted empty, even while idle
                 if not self._lock(keys=[self.config.maintenance_key], args=[self._token, LOCK_TTL_MS]):
                     continue
                 scheduler.enqueue_scheduled_jobs()  # retries whose backoff is over
