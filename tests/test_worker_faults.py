@@ -170,3 +170,16 @@ def test_a_redis_that_stays_away_ends_the_run_with_one_line(stack, tmp_path):
     last = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(last) == 1 and "stayed unreachable" in last[0], run.stderr[-2000:]
     assert "run `fastsam-backend preannotate --project 3 --queue` to resume" in last[0]
+
+
+def test_health_and_metrics_show_live_workers_per_queue(stack):
+    from fastsam_backend.server import create_app
+
+    service = stack["service"]
+    client = create_app(service.settings, service).test_client()
+    health = client.get("/health").get_json()
+    assert health["jobs"] == {"redis": "up", "workers": {"fastsam-warm": 2, "fastsam-preannotate": 2,
+                                                          "fastsam-train": 0, "fastsam-learn": 2}}, health
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'fastsam_job_workers_listening{queue="fastsam-preannotate"} 2.0' in text, text[-3000:]
+    assert 'fastsam_job_workers_listening{queue="fastsam-train"} 0.0' in text

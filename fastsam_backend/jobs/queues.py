@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ACTIVE = frozenset({"queued", "started", "scheduled", "deferred"})  # RQ JobStatus values still to run
 DONE = frozenset({"finished"})
 FAILED = frozenset({"failed", "stopped", "canceled"})
+LIVE_S = 15.0  # a worker whose heartbeat is older is taken for dead (it beats every 5 s: worker.py)
 
 
 class JobKind(str, Enum):
@@ -87,11 +88,12 @@ class QueueConfig:
         return f"{self.prefix}jobs:ahead:{job_id}"
 
 
-def connect(url: str, timeout_s: float = 10.0) -> redis.Redis:
+def connect(url: str, timeout_s: float = 10.0, connect_timeout_s: float = 2.0) -> redis.Redis:
     """A client for RQ (bytes, not decoded). Workers raise the socket timeout above their BLPOP."""
     import redis
 
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=timeout_s, health_check_interval=30)
+    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
+                                health_check_interval=30)
 
 
 @dataclass(frozen=True)
@@ -155,17 +157,9 @@ class JobQueues:
         return removed
 
     def live_workers(self, kind: JobKind) -> int:
-        """Workers registered on ``kind``'s queue whose registration has not expired (a worker's key
-        lives ``WORKER_TTL_S`` past its last heartbeat, so a killed one drops out within a minute)."""
-        from rq import worker_registration
-
-        keys = list(self.connection.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % self.config.queue_name(kind)))
-        if not keys:
-            return 0
-        with self.connection.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.exists(key)
-            return sum(bool(found) for found in pipe.execute())
+        """Workers listening on ``kind``'s queue (``live_workers``)."""
+        name = self.config.queue_name(kind)
+        return live_workers(self.connection, [name])[name]
 
     def running(self, job_ids: list[str]) -> set[str]:
         """Those of ``job_ids`` a live worker says it is running (``QueueConfig.running_key``)."""
@@ -210,6 +204,34 @@ class JobQueues:
             return Job.fetch(job_id, connection=self.connection, serializer=self.serializer)
         except NoSuchJobError:
             return None
+
+
+def live_workers(connection: Any, queue_names: list[str]) -> dict[str, int]:
+    """Workers registered on each queue with a heartbeat in the last ``LIVE_S`` (each worker beats
+    every few seconds, busy or idle: ``worker.py``), so a killed one drops out within ``LIVE_S``,
+    while RQ's own sets and its worker keys keep it for minutes. Two round trips."""
+    import time
+
+    from rq import worker_registration
+    from rq.utils import utcparse
+
+    with connection.pipeline(transaction=False) as pipe:
+        for name in queue_names:
+            pipe.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % name)
+        members = pipe.execute()
+    keys = sorted({key for found in members for key in found})
+    with connection.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hget(key, "last_heartbeat")
+        beats = pipe.execute()
+    alive = set()
+    for key, beat in zip(keys, beats):
+        try:
+            if beat and time.time() - utcparse(beat.decode()).timestamp() < LIVE_S:
+                alive.add(key)
+        except ValueError:  # a foreign format: not ours to judge
+            alive.add(key)
+    return {name: len(found & alive) for name, found in zip(queue_names, members)}
 
 
 def _failure_reason(job: Any) -> str:

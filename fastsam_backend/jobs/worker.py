@@ -124,6 +124,12 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 pipe.expire(self.key, self.worker_ttl + 60)
                 pipe.execute()
 
+        def beat_alive(self) -> None:
+            """The worker's own heartbeat, from the maintenance thread, so that a follower can tell a
+            live worker (idle in a long BLPOP, or busy) from a killed one within seconds."""
+            if self.birth_date is not None:
+                super().heartbeat()
+
         def check_for_suspension(self, burst: bool) -> None:
             self.wait(super().check_for_suspension, burst, what="checking for a suspension")
 
@@ -292,10 +298,13 @@ class Maintenance(threading.Thread):
 
         scheduler = RQScheduler(self.config.queue_names, connection=self.worker.connection, serializer=JSONSerializer)
         scheduler.prepare_registries(self.config.queue_names)
-        last_clean, warned = 0.0, False
+        last_clean, last_beat, warned = 0.0, 0.0, False
         while not self.stopped.wait(TICK_S):
             try:
                 self.worker.ensure_registered()  # at once after a Redis that restarted empty, even while idle
+                if time.monotonic() - last_beat >= HEARTBEAT_S:
+                    last_beat = time.monotonic()
+                    self.worker.beat_alive()
                 if not self._lock(keys=[self.config.maintenance_key], args=[self._token, LOCK_TTL_MS]):
                     continue
                 scheduler.enqueue_scheduled_jobs()  # retries whose backoff is over
