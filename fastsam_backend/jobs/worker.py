@@ -45,6 +45,7 @@ from typing import Any
 from fastsam_backend.errors import BadRequest
 from fastsam_backend.jobs.batching import GPU_BATCH, warm_batch
 from fastsam_backend.jobs.functions import install_service
+from fastsam_backend.jobs.maintenance import Maintenance, give_back, utcnow
 from fastsam_backend.jobs.outage import RedisWait, is_outage
 from fastsam_backend.jobs.prefetch import PrefetchingLoader
 from fastsam_backend.jobs.queues import JobKind, QueueConfig, connect, count
@@ -54,19 +55,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5
 HEARTBEAT_TTL_S = 20
-CLEANUP_S = 5
-TICK_S = 1.0
 WORKER_TTL_S = 35  # RQ blocks in BLPOP for WORKER_TTL_S - 15 s between its own checks
-LOCK_TTL_MS = 5000
 AHEAD_MAX_S = 30  # RQ's cleanup treats a job in the intermediate list for over a minute as stuck
-RESCUE_AFTER_S = 10  # a job in an intermediate list, not started and held by no one, this long goes back
 
-# take the lock, or refresh it if it is ours (one script, so two workers never both hold it)
-_LOCK_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
 
 
 def _kind_of(job: Any, config: QueueConfig) -> JobKind:
@@ -246,7 +237,7 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                     failing = True
 
         def clean_registries(self) -> None:
-            self.last_cleaned_at = _utcnow()  # the maintenance thread cleans, under its own lock
+            self.last_cleaned_at = utcnow()  # the maintenance thread cleans, under its own lock
 
     def on_failure(job: Any, exc_type: Any, exc_value: BaseException | None, tb: Any) -> bool:
         from rq.exceptions import AbandonedJobError
@@ -265,84 +256,6 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                            exception_handlers=[on_failure], disable_default_exception_handler=False)
     worker.fastsam_on_failure = on_failure
     return worker
-
-
-def give_back(queue: Any, job_id: str) -> None:
-    """A job taken off ``queue`` but never started goes back to its front."""
-    with queue.connection.pipeline() as pipe:
-        pipe.lrem(queue.intermediate_queue.key, 1, job_id)
-        pipe.lpush(queue.key, job_id)
-        pipe.execute()
-
-
-def _utcnow() -> Any:
-    from rq.utils import now
-
-    return now()
-
-
-class Maintenance(threading.Thread):
-    """Registry cleaning and due retries, by one worker of the whole deployment at a time."""
-
-    def __init__(self, worker: Any, config: QueueConfig) -> None:
-        super().__init__(name="fastsam-maintenance", daemon=True)
-        self.worker, self.config = worker, config
-        self.stopped = threading.Event()
-        self._token = uuid.uuid4().hex
-        self._lock = worker.connection.register_script(_LOCK_LUA)
-        self._unheld: dict[str, float] = {}  # job id -> when first seen taken, not started and held by no one
-
-    def run(self) -> None:
-        from rq.scheduler import RQScheduler
-        from rq.serializers import JSONSerializer
-
-        scheduler = RQScheduler(self.config.queue_names, connection=self.worker.connection, serializer=JSONSerializer)
-        scheduler.prepare_registries(self.config.queue_names)
-        last_clean, last_beat, warned = 0.0, 0.0, False
-        while not self.stopped.wait(TICK_S):
-            try:
-                self.worker.ensure_registered()  # at once after a Redis that restarted empty, even while idle
-                if time.monotonic() - last_beat >= HEARTBEAT_S:
-                    last_beat = time.monotonic()
-                    self.worker.beat_alive()
-                if not self._lock(keys=[self.config.maintenance_key], args=[self._token, LOCK_TTL_MS]):
-                    continue
-                scheduler.enqueue_scheduled_jobs()  # retries whose backoff is over
-                if time.monotonic() - last_clean >= CLEANUP_S:
-                    last_clean = time.monotonic()
-                    self.clean()
-                warned = False
-            except Exception as exc:  # Redis restarting: try again next tick, say so once
-                (log.debug if warned else log.warning)("job maintenance failed: %s", exc)
-                warned = True
-
-    def clean(self) -> None:
-        from rq import worker_registration
-        from rq.registry import clean_registries
-
-        for queue in self.worker.queues:
-            self.rescue_ahead(queue)
-            clean_registries(queue, [self.worker.fastsam_on_failure])  # stale started jobs: retried or failed
-            worker_registration.clean_worker_registry(queue)
-            queue.intermediate_queue.cleanup(self.worker, queue)  # dequeued by a worker that died at once
-
-
-    def rescue_ahead(self, queue: Any, now: float | None = None) -> None:
-        """Jobs a worker took ahead and died holding go back to the front of their queue after
-        ``RESCUE_AFTER_S`` (RQ's own cleanup would fail them over to a retry after a minute)."""
-        now = time.monotonic() if now is None else now
-        conn, seen = self.worker.connection, set()
-        for job_id in queue.intermediate_queue.get_job_ids():
-            seen.add(job_id)
-            if job_id in queue.started_job_registry or conn.exists(self.config.ahead_key(job_id)):
-                self._unheld.pop(job_id, None)
-                continue
-            if now - self._unheld.setdefault(job_id, now) >= RESCUE_AFTER_S:
-                log.warning("job %s was taken ahead by a worker that is gone: back to its queue", job_id)
-                give_back(queue, job_id)
-                self._unheld.pop(job_id, None)
-        for job_id in set(self._unheld) - seen:
-            del self._unheld[job_id]
 
 
 def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = False) -> None:
@@ -371,7 +284,7 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
                          warm_batch=(lambda urls: warm_batch(service, urls, batch)) if batch > 1 else None)
     if batch > 1:
         log.info("worker %d: warm jobs in batches of up to %d images", os.getpid(), batch)
-    maintenance = Maintenance(worker, config)
+    maintenance = Maintenance(worker, config, beat_s=HEARTBEAT_S)
     maintenance.start()
     try:
         worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper(),
