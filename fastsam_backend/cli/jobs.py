@@ -184,10 +184,10 @@ def preannotate(ls_url: str | None, api_key: str | None, project: int, limit: in
     running it again resumes. Ctrl-C stops after the current batch and prints the summary."""
     from tqdm import tqdm
 
-    from fastsam_backend.errors import ModelUnavailable
     from fastsam_backend.jobs.outage import RedisOutage
-    from fastsam_backend.jobs.preannotate_project import StopFlag, run_in_process, run_queued
+    from fastsam_backend.jobs.preannotate_project import StopFlag
     from fastsam_backend.logs import configure_logging
+    from fastsam_backend.ls.project import describe, transient
     from fastsam_backend.service.orchestrator import build_service
 
     settings = _settings(ls_url, api_key, batch_time_budget_s=0)
@@ -195,36 +195,22 @@ def preannotate(ls_url: str | None, api_key: str | None, project: int, limit: in
     client = _client(settings, project)
     service = build_service(settings)
     stop = StopFlag(notify=lambda message: tqdm.write(message, file=sys.stderr))
-    with stop.on_sigint():
-        if queued:
-            if dry_run:
-                raise click.UsageError("--dry-run predicts in this process; it does not go with --queue")
-            version = service.project_version(str(project))
-            try:
-                summary = run_queued(_queues(settings), client, version, limit=limit, stop=stop, fallback=fallback,
-                                     progress=_bar("pre-annotating (workers)"), outage_limit_s=max_outage,
-                                     notify=lambda message: tqdm.write(message, file=sys.stderr))
-            except RedisOutage as exc:
-                _redis_outage(exc, settings, f"fastsam-backend preannotate --project {project} --queue")
-            if summary.no_worker and not stop:
-                try:
-                    service.segmenter.load()
-                except ModelUnavailable as exc:
-                    raise click.ClickException(exc.message) from None
-                rest = run_in_process(service, client, limit=limit, batch_size=batch_size, stop=stop,
-                                      progress=_bar("pre-annotating (in this process)"))
-                summary.mode = "queue, then in-process (no worker)"
-                summary.done += rest.done
-                summary.failed += rest.failed
-                summary.interrupted = rest.interrupted
-                summary.seconds = round(summary.seconds + rest.seconds, 2)
-        else:
-            try:
-                service.segmenter.load()  # before the bar, so its rate is images, not the load
-            except ModelUnavailable as exc:
-                raise click.ClickException(exc.message) from None
-            summary = run_in_process(service, client, limit=limit, dry_run=dry_run, batch_size=batch_size,
-                                     stop=stop, progress=_bar("pre-annotating"))
+    resume = f"fastsam-backend preannotate --project {project}" + (" --queue" if queued else "")
+    if queued and dry_run:
+        raise click.UsageError("--dry-run predicts in this process; it does not go with --queue")
+    try:
+        with stop.on_sigint():
+            summary = _preannotate(settings, service, client, stop, queued=queued, limit=limit, dry_run=dry_run,
+                                   batch_size=batch_size, fallback=fallback, max_outage=max_outage)
+    except RedisOutage as exc:
+        _redis_outage(exc, settings, resume)
+    except Exception as exc:
+        if not transient(exc):
+            raise
+        # Label Studio away longer than its retries (ls/project.py): an expected fault, one line
+        click.echo(f"error: Label Studio at {settings.label_studio_url} did not answer ({describe(exc)}); when it is "
+                   f"back, run `{resume}` to resume (predicted tasks are skipped)", err=True)
+        sys.exit(75)
     click.echo(summary.text())
     if report_path:
         with open(report_path, "w") as f:
@@ -233,3 +219,38 @@ def preannotate(ls_url: str | None, api_key: str | None, project: int, limit: in
         sys.exit(130)
     if summary.failed:
         sys.exit(1)
+
+
+def _preannotate(settings: Settings, service, client, stop, *, queued: bool, limit: int | None, dry_run: bool,
+                 batch_size: int, fallback: bool, max_outage: float):
+    """The run of ``preannotate``: on the workers' queue (then, with ``fallback`` and no worker, in
+    this process), or in this process; its ``Summary``."""
+    from tqdm import tqdm
+
+    from fastsam_backend.errors import ModelUnavailable
+    from fastsam_backend.jobs.preannotate_project import run_in_process, run_queued
+
+    def load() -> None:
+        try:
+            service.segmenter.load()  # before the bar, so its rate is images, not the load
+        except ModelUnavailable as exc:
+            raise click.ClickException(exc.message) from None
+
+    if not queued:
+        load()
+        return run_in_process(service, client, limit=limit, dry_run=dry_run, batch_size=batch_size, stop=stop,
+                              progress=_bar("pre-annotating"))
+    version = service.project_version(str(client.project_id))
+    summary = run_queued(_queues(settings), client, version, limit=limit, stop=stop, fallback=fallback,
+                         progress=_bar("pre-annotating (workers)"), outage_limit_s=max_outage,
+                         notify=lambda message: tqdm.write(message, file=sys.stderr))
+    if summary.no_worker and not stop:
+        load()
+        rest = run_in_process(service, client, limit=limit, batch_size=batch_size, stop=stop,
+                              progress=_bar("pre-annotating (in this process)"))
+        summary.mode = "queue, then in-process (no worker)"
+        summary.done += rest.done
+        summary.failed += rest.failed
+        summary.interrupted = rest.interrupted
+        summary.seconds = round(summary.seconds + rest.seconds, 2)
+    return summary

@@ -121,6 +121,15 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             if self.birth_date is not None:
                 super().heartbeat()
 
+        def teardown(self) -> None:
+            try:
+                super().teardown()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # stopping while Redis is away: the registration expires by itself (WORKER_TTL_S)
+                log.warning("worker %s: stopped without unregistering (Redis unreachable)", self.name)
+
         def check_for_suspension(self, burst: bool) -> None:
             self.wait(super().check_for_suspension, burst, what="checking for a suspension")
 
@@ -274,6 +283,8 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
              time.perf_counter() - started, service.model_version, ", ".join(queue_names))
     install_service(service)
     connection = connect(config.redis_url, timeout_s=WORKER_TTL_S)
+    # a worker started while Redis restarts (compose starts both at once) waits for it
+    RedisWait().call(connection.ping, what="connecting to the queues' Redis")
     batch = settings.worker_batch or (GPU_BATCH if service.segmenter.batches else 1)
     loader = None
     if settings.worker_prefetch or batch > 1:
