@@ -40,7 +40,7 @@ from tests.test_workers import log_tail, start, stop
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "f" * 40
-N = 24  # project 1: the Redis restart; 2: no worker; 3: Redis away for good
+N = 24  # project 1: the Redis restart; 2: no worker; 3: Redis away for good; 4: warm --wait
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def stack(tmp_path_factory, fastsam_weights):
     redis_server = OwnRedis()
     redis_server.start()
     fake = FakeLabelStudio(tmp, token=TOKEN)
-    for project, n in ((1, N), (2, 3), (3, 1)):
+    for project, n in ((1, N), (2, 3), (3, 1), (4, 12)):
         fake.add_project(project, LABEL_CONFIG)
         (tmp / "data" / "upload" / str(project)).mkdir(parents=True)
         for i in range(n):
@@ -116,6 +116,27 @@ def test_redis_restarted_mid_preannotate_workers_ride_through_and_the_run_comple
     while (state := stack["queues"].states(report.job_ids)[0]).status != "finished":
         assert state.status != "failed" and time.monotonic() < deadline, (state, log_tail(stack["tmp"]))
         time.sleep(0.2)
+
+
+def test_redis_restarted_mid_warm_wait_every_image_ends_cached(stack):
+    """The empty Redis lost the queued warm jobs and the cache entries made so far: ``warm --wait``
+    enqueues again each image the cache does not hold, and ends with every image cached."""
+    env, redis_server, queues = stack["env"], stack["redis"], stack["queues"]
+    computed = lambda: int(queues.connection.hget(queues.config.stats_key, "warm:computed") or 0)  # noqa: E731
+    before = computed()
+    proc = subprocess.Popen([sys.executable, "-m", "fastsam_backend", "warm", "--project", "4", "--wait"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: computed() >= before + 2, 180, lambda: log_tail(stack["tmp"]), [proc])
+    redis_server.kill()
+    time.sleep(3)
+    redis_server.start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:] + log_tail(stack["tmp"])
+    assert "Traceback" not in err and "redis=down" in err, err[-3000:]
+    assert "12 images: 12 warm jobs enqueued" in out and "failed" not in out, out
+    service = stack["service"]
+    assert all(service.image_key_if_cached(f"/data/upload/4/s{i}.png") is not None for i in range(12))
+    assert all(w.poll() is None for w in stack["workers"])
 
 
 def test_no_worker_listening_is_named_and_the_run_waits(stack):
