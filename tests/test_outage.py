@@ -90,3 +90,26 @@ def test_live_workers_counts_recent_heartbeats_per_queue(own_redis):
     assert live_workers(conn, [warm, pre, config.queue_name(JobKind.TRAIN)]) == {
         warm: 1, pre: 1, config.queue_name(JobKind.TRAIN): 0}
     assert queues.live_workers(JobKind.PREANNOTATE) == 1
+
+
+def test_label_studio_away_past_its_retries_ends_preannotate_with_one_line(own_redis, make_settings, monkeypatch):
+    from click.testing import CliRunner
+
+    from fastsam_backend.cli.jobs import preannotate
+    from fastsam_backend.ls import project
+    from fastsam_backend.quality.net import free_port
+
+    monkeypatch.setattr(project, "RETRY_FOR_S", 0.5)
+    monkeypatch.setattr(project, "ATTEMPTS", 2)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    for key, value in {"REDIS_URL": own_redis.url, "LABEL_STUDIO_URL": dead, "LABEL_STUDIO_API_KEY": "f" * 40,
+                       "FASTSAM_WEIGHTS": make_settings().fastsam_weights, "FASTSAM_ALLOW_DOWNLOAD": "false",
+                       "OUTBOUND_ALLOW": "127.0.0.1", "CLIP_ENABLED": "false"}.items():
+        monkeypatch.setenv(key, str(value))
+    result = CliRunner().invoke(preannotate, ["--project", "7", "--queue"])
+    assert result.exit_code == 75, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: Label Studio at {dead} did not answer (ConnectError: [Errno 111] Connection refused); "
+        "when it is back, run `fastsam-backend preannotate --project 7 --queue` to resume "
+        "(predicted tasks are skipped)")
+    assert "Traceback" not in result.output
