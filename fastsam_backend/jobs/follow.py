@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fastsam_backend.jobs.outage import RedisWait
+from fastsam_backend.jobs.outage import RedisWait, is_outage
 from fastsam_backend.jobs.queues import ACTIVE, JobKind, JobState
 
 if TYPE_CHECKING:
@@ -68,7 +68,12 @@ class Follower:
     def run(self, on_end: Callable[[JobState], None], poll_s: float = 0.5) -> list[str]:
         """Until every job ended, ``stop()`` or (with ``fallback``) no worker; the jobs still open."""
         while self.open and not self.stop():
-            states = self.wait.call(self.queues.states, self.open, what="following the jobs")
+            try:
+                states = self.wait.call(self.queues.states, self.open, what="following the jobs")
+            except Exception as exc:
+                if self.stop() and is_outage(exc):  # Ctrl-C during an outage: the caller reports what is open
+                    break
+                raise
             if self.wait.outages > self._outages_told:
                 self._outages_told = self.wait.outages
                 self.status({"redis": "back"})

@@ -192,7 +192,7 @@ def run_queued(queues: JobQueues, client: ProjectClient, model_version: str, *, 
     ``no_worker`` set when no worker listens, the jobs still open removed from the queue."""
     from fastsam_backend.jobs.enqueue import enqueue_preannotate
     from fastsam_backend.jobs.follow import OUTAGE_LIMIT_S, Follower
-    from fastsam_backend.jobs.outage import RedisWait
+    from fastsam_backend.jobs.outage import RedisWait, is_outage
     from fastsam_backend.jobs.queues import JobKind
 
     stop = stop if stop is not None else StopFlag()
@@ -208,8 +208,15 @@ def run_queued(queues: JobQueues, client: ProjectClient, model_version: str, *, 
 
     wait = RedisWait(limit_s=OUTAGE_LIMIT_S if outage_limit_s is None else outage_limit_s, stopping=lambda: bool(stop),
                      on_wait=lambda s: status({"redis": f"down {s:.0f}s"}))
-    report = wait.call(enqueue_preannotate, queues, client.url, client.project_id, [t.id for t in todo], model_version,
-                       what="enqueueing the pre-annotate jobs")
+    try:
+        report = wait.call(enqueue_preannotate, queues, client.url, client.project_id, [t.id for t in todo],
+                           model_version, what="enqueueing the pre-annotate jobs")
+    except Exception as exc:
+        if not (stop and is_outage(exc)):
+            raise
+        summary.interrupted, summary.pending = True, len(todo)  # Ctrl-C while waiting for Redis
+        summary.seconds = round(time.monotonic() - started, 2)
+        return summary
     log.info("enqueued %d pre-annotate jobs (%d were queued or running already)", report.enqueued, report.duplicate)
     task_of = dict(zip(report.job_ids, (t.id for t in todo)))
 

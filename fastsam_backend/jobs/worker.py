@@ -89,6 +89,7 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             self.ahead: list[tuple[Any, Any, float]] = []  # (job, queue, monotonic time taken), next first
             self.started_ahead: str | None = None
             self.redis_wait = RedisWait(stopping=lambda: self._stop_requested)
+            self.torn_down = False  # unregistered: the maintenance thread must not register it again
 
         def wait(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
             """``fn(...)``, waiting out a Redis outage (for as long as it lasts, or until told to stop)."""
@@ -106,7 +107,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
         def ensure_registered(self) -> None:
             """Registered again after a Redis that restarted empty, so that ``Worker.all`` (the
             followers' "is anyone listening" and ``/metrics``) sees this worker."""
-            if self.birth_date is None or self.connection.sismember(self.redis_workers_keys, self.key):
+            if self.birth_date is None or self.torn_down or \
+                    self.connection.sismember(self.redis_workers_keys, self.key):
                 return  # not started yet (RQ registers it then), or registered
             log.warning("worker %s: registering again (Redis lost its registration)", self.name)
             with self.connection.pipeline() as pipe:
@@ -118,10 +120,11 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
         def beat_alive(self) -> None:
             """The worker's own heartbeat, from the maintenance thread, so that a follower can tell a
             live worker (idle in a long BLPOP, or busy) from a killed one within seconds."""
-            if self.birth_date is not None:
+            if self.birth_date is not None and not self.torn_down:
                 super().heartbeat()
 
         def teardown(self) -> None:
+            self.torn_down = True
             try:
                 super().teardown()
             except Exception as exc:
