@@ -22,7 +22,7 @@ class JobsCollector:
     def _conn(self) -> Any:
         if self._connection is None:
             # a short connect timeout: /health is asked by Label Studio, which waits 1 s
-            self._connection = connect(self.config.redis_url, timeout_s=1.0, connect_timeout_s=0.5)
+            self._connection = connect(self.config.redis_url, timeout_s=1.0, connect_timeout_s=0.5, retry=False)
         return self._connection
 
     def health(self) -> dict[str, Any]:

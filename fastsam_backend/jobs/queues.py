@@ -88,12 +88,19 @@ class QueueConfig:
         return f"{self.prefix}jobs:ahead:{job_id}"
 
 
-def connect(url: str, timeout_s: float = 10.0, connect_timeout_s: float = 2.0) -> redis.Redis:
-    """A client for RQ (bytes, not decoded). Workers raise the socket timeout above their BLPOP."""
+def connect(url: str, timeout_s: float = 10.0, connect_timeout_s: float = 2.0, retry: bool = True) -> redis.Redis:
+    """A client for RQ (bytes, not decoded). Workers raise the socket timeout above their BLPOP.
+    ``retry=False`` turns off redis-py's own retries (for answers that must come within a second)."""
     import redis
 
+    extra: dict[str, Any] = {}
+    if not retry:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        extra["retry"] = Retry(NoBackoff(), 0)
     return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
-                                health_check_interval=30)
+                                health_check_interval=30, **extra)
 
 
 @dataclass(frozen=True)
