@@ -119,6 +119,8 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
         body["recent_failures"] = service.failures.health()  # why the last /predict calls failed
         if service.settings.finetune_enabled:
             body["finetune"] = service.tuned.health()  # last decisions (every project) and tuned models loaded here
+        if collectors:
+            body["jobs"] = collectors[0].health()  # live workers per queue: 0 means its jobs wait
         return jsonify(body)
 
     @app.post("/setup")

@@ -13,9 +13,10 @@ import pytest
 from fastsam_backend.jobs import functions
 from fastsam_backend.jobs.batching import warm_batch
 from fastsam_backend.jobs.enqueue import enqueue_warm
+from fastsam_backend.jobs.maintenance import RESCUE_AFTER_S, Maintenance
 from fastsam_backend.jobs.prefetch import PrefetchingLoader
 from fastsam_backend.jobs.queues import JobKind, JobQueues, QueueConfig
-from fastsam_backend.jobs.worker import RESCUE_AFTER_S, Maintenance, make_worker
+from fastsam_backend.jobs.worker import make_worker
 from tests.test_jobs import TOKEN, fake_ls, make_service  # noqa: F401 (fixtures)
 
 URLS = [f"/data/upload/1/s{i}.png" for i in range(5)]

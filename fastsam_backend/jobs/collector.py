@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from fastsam_backend.jobs.queues import QueueConfig, connect
+from fastsam_backend.jobs.queues import QueueConfig, connect, live_workers
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,21 @@ class JobsCollector:
     def __init__(self, config: QueueConfig) -> None:
         self.config = config
         self._connection: Any = None
+
+    def _conn(self) -> Any:
+        if self._connection is None:
+            # a short connect timeout: /health is asked by Label Studio, which waits 1 s
+            self._connection = connect(self.config.redis_url, timeout_s=1.0, connect_timeout_s=0.5, retry=False)
+        return self._connection
+
+    def health(self) -> dict[str, Any]:
+        """For ``/health``: whether the queues' Redis answers and how many live workers listen on
+        each queue (0 on a queue means its jobs wait: start ``fastsam-backend worker``)."""
+        try:
+            return {"redis": "up", "workers": live_workers(self._conn(), self.config.queue_names)}
+        except Exception as exc:  # /health must answer whatever Redis does
+            log.debug("job queue health unavailable: %s", exc)
+            return {"redis": "down"}
 
     def collect(self):  # prometheus_client's collector protocol
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,10 +47,10 @@ class JobsCollector:
                                        labels=["kind", "outcome"])
         up = GaugeMetricFamily("fastsam_jobs_redis_up", "Whether the queues' Redis answered this scrape")
         workers = GaugeMetricFamily("fastsam_job_workers", "RQ workers registered (alive) on the queues' Redis")
+        listening = GaugeMetricFamily("fastsam_job_workers_listening", "Workers with a recent heartbeat listening on "
+                                      "each queue (0: its jobs wait for a worker)", labels=["queue"])
         try:
-            if self._connection is None:
-                self._connection = connect(self.config.redis_url, timeout_s=1.0)
-            conn, now = self._connection, time.time()
+            conn, now = self._conn(), time.time()
             names = self.config.queue_names
             with conn.pipeline(transaction=False) as pipe:
                 for name in names:
@@ -47,6 +62,7 @@ class JobsCollector:
                 pipe.hgetall(self.config.stats_key)
                 pipe.scard(Worker.redis_workers_keys)
                 results = pipe.execute()
+            per_queue = live_workers(conn, names)
         except Exception as exc:  # /metrics must answer whatever Redis does
             log.debug("job metrics unavailable: %s", exc)
             up.add_metric([], 0)
@@ -59,4 +75,6 @@ class JobsCollector:
             outcomes.add_metric([kind, outcome], float(value))
         up.add_metric([], 1)
         workers.add_metric([], float(results[-1]))
-        return [jobs, outcomes, up, workers]
+        for name in names:
+            listening.add_metric([name], float(per_queue[name]))
+        return [jobs, outcomes, up, workers, listening]

@@ -5,7 +5,8 @@ HTTP layer calls, built once per worker process (``worker.py``), so the models l
 process and never per job:
 
 - ``warm_image(url, task_id=None)``: the image's masks (and its CLIP crop embeddings when CLIP is configured)
-  into the cache, through the same ``MaskStore``. Its cross-process lock makes an interactive click
+  into the cache, through the same ``MaskStore``; a job whose masks did not reach the shared cache
+  (its Redis away meanwhile) fails over to a retry. Its cross-process lock makes an interactive click
   on an image whose warm job is *running* wait for that work, and at run time an image that is
   cached already (under any URL: the key is the bytes' digest) costs a lookup. ``task_id`` is how a
   cloud storage URI is fetched (through Label Studio, per task); jobs queued as ``(url,)`` before
@@ -65,10 +66,29 @@ def warm_image(url: str, task_id: int | None = None) -> dict[str, Any]:
     if service.clip is not None and service.models.zero_shot_unavailable() is None:
         service.crop_embeddings(found)
         embeddings = True
+    if not _in_shared_cache(service, found.key):
+        # computed while the cache's Redis was away (the store fell back to this process): the work
+        # reached no one else, so the job fails over to a retry instead of ending "done"
+        raise NotCached("the shared cache did not take this image's masks (Redis unavailable?); retrying")
     outcome = "computed" if found.computed or batching.claim(found.key) else "cached"
     count_outcome(service, JobKind.WARM, outcome)
     return {"outcome": outcome, "digest": found.key.digest, "instances": len(found.masks),
             "embeddings": embeddings, "seconds": round(time.perf_counter() - started, 3)}
+
+
+class NotCached(RuntimeError):
+    """A warm job whose masks the shared cache does not hold after all (retried, unlike ``JobRefused``)."""
+
+
+def _in_shared_cache(service: FastSAMService, key: Any) -> bool:
+    """Whether the store's cache (Redis, or the embedded LRU) holds ``key``'s masks: not this
+    process's memory tier, which is all a store has while its Redis is away."""
+    from fastsam_backend.cache.store import cache_key
+
+    cache = service.store.cache
+    name = cache_key(key.digest, key.model_id, key.params)
+    contains = getattr(cache, "contains", None)
+    return bool(contains(name)) if contains is not None else cache.get(name) is not None
 
 
 def preannotate_task(task_id: int, project_id: int, model_version: str) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class Summary:
     skipped: int = 0  # a prediction of this model_version was there already
     failed: list[dict[str, Any]] = field(default_factory=list)  # {"task": id, "reason": "..."}
     pending: int = 0  # queue mode, stopped early: still queued or running in the workers
+    requeued: int = 0  # queue mode: jobs lost with a Redis that restarted empty, enqueued again
+    no_worker: bool = False  # queue mode: stopped following because no worker listened (--fallback-in-process)
     dry_run: bool = False
     interrupted: bool = False
     seconds: float = 0.0
@@ -62,6 +64,8 @@ class Summary:
         lines = [f"project {self.project}, model_version {self.model_version} ({self.mode}):",
                  f"  {self.done} {verb}, {self.skipped} skipped (already predicted), {len(self.failed)} failed, "
                  f"{self.tasks_seen} tasks looked at, {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)"]
+        if self.requeued:
+            lines.append(f"  {self.requeued} jobs lost in a Redis restart were enqueued again")
         if self.pending:
             lines.append(f"  {self.pending} still queued or running in the workers")
         if self.interrupted:
@@ -181,41 +185,69 @@ def run_in_process(service: FastSAMService, client: ProjectClient, *, limit: int
 
 def run_queued(queues: JobQueues, client: ProjectClient, model_version: str, *, limit: int | None = None,
                stop: StopFlag | None = None, progress: Callable[..., Any] | None = None,
-               poll_s: float = 0.5, follow: bool = True) -> Summary:
-    """Enqueue a pre-annotate job per pending task, then follow them until they end (or Ctrl-C)."""
+               poll_s: float = 0.5, follow: bool = True, fallback: bool = False,
+               notify: Callable[[str], None] | None = None, outage_limit_s: float | None = None) -> Summary:
+    """Enqueue a pre-annotate job per pending task, then follow them until they end (or Ctrl-C),
+    through Redis outages and lost jobs (``follow.py``). With ``fallback``, returns with
+    ``no_worker`` set when no worker listens, the jobs still open removed from the queue."""
     from fastsam_backend.jobs.enqueue import enqueue_preannotate
-    from fastsam_backend.jobs.queues import ACTIVE
+    from fastsam_backend.jobs.follow import OUTAGE_LIMIT_S, Follower
+    from fastsam_backend.jobs.outage import RedisWait, is_outage
+    from fastsam_backend.jobs.queues import JobKind
 
     stop = stop if stop is not None else StopFlag()
     started = time.monotonic()
     summary = Summary(client.project_id, model_version, mode="queue")
     todo = pending_tasks(client, model_version, summary, limit, stop)
-    report = enqueue_preannotate(queues, client.url, client.project_id, [t.id for t in todo], model_version)
+    extra: dict[str, Any] = {}
+    bar: Any = _NoBar()
+
+    def status(fields: dict[str, Any]) -> None:
+        extra.update(fields)
+        bar.set_postfix(done=summary.done, failed=len(summary.failed), **extra, refresh=True)
+
+    wait = RedisWait(limit_s=OUTAGE_LIMIT_S if outage_limit_s is None else outage_limit_s, stopping=lambda: bool(stop),
+                     on_wait=lambda s: status({"redis": f"down {s:.0f}s"}))
+    try:
+        report = wait.call(enqueue_preannotate, queues, client.url, client.project_id, [t.id for t in todo],
+                           model_version, what="enqueueing the pre-annotate jobs")
+    except Exception as exc:
+        if not (stop and is_outage(exc)):
+            raise
+        summary.interrupted, summary.pending = True, len(todo)  # Ctrl-C while waiting for Redis
+        summary.seconds = round(time.monotonic() - started, 2)
+        return summary
     log.info("enqueued %d pre-annotate jobs (%d were queued or running already)", report.enqueued, report.duplicate)
     task_of = dict(zip(report.job_ids, (t.id for t in todo)))
+
+    def requeue(job_id: str) -> None:
+        enqueue_preannotate(queues, client.url, client.project_id, [task_of[job_id]], model_version)
+
+    def ended(state: Any) -> None:
+        outcome = (state.result or {}).get("outcome")
+        if state.status == "finished":
+            summary.skipped += outcome == "skipped"
+            summary.done += outcome != "skipped"
+        else:
+            summary.failed.append({"task": task_of[state.job_id], "reason": state.reason or state.status})
+        bar.update(1)
+        bar.set_postfix(done=summary.done, failed=len(summary.failed), **extra, refresh=False)
+
+    follower = Follower(queues, JobKind.PREANNOTATE, report.job_ids, stop=lambda: bool(stop), notify=notify,
+                        is_done=lambda job_id: model_version in client.model_versions(task_of[job_id]),
+                        requeue=requeue, status=status, fallback=fallback, wait=wait)
+    bar = (progress or _no_bar)(total=len(report.job_ids))
     open_ids = list(report.job_ids)
-    bar = (progress or _no_bar)(total=len(open_ids))
     try:
-        while open_ids and follow and not stop:
-            still = []
-            for state in queues.states(open_ids):
-                if state.status in ACTIVE:
-                    still.append(state.job_id)
-                    continue
-                outcome = (state.result or {}).get("outcome")
-                if state.status == "finished" or state.status is None:  # None: done, and its result expired
-                    summary.skipped += outcome == "skipped"
-                    summary.done += outcome != "skipped"
-                else:
-                    summary.failed.append({"task": task_of[state.job_id], "reason": state.reason or state.status})
-                bar.update(1)
-            bar.set_postfix(done=summary.done, failed=len(summary.failed), refresh=False)
-            open_ids = still
-            if open_ids:
-                time.sleep(poll_s)
+        if follow:
+            open_ids = follower.run(ended, poll_s=poll_s)
+        if follower.no_worker:
+            wait.call(queues.remove_queued, JobKind.PREANNOTATE, open_ids, what="taking back the open jobs")
     finally:
         bar.close()
-        summary.pending = len(open_ids)
+        summary.requeued = follower.requeued
+        summary.no_worker = follower.no_worker
+        summary.pending = 0 if follower.no_worker else len(open_ids)
         summary.interrupted = bool(stop) and bool(open_ids)
         summary.seconds = round(time.monotonic() - started, 2)
     return summary

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 ACTIVE = frozenset({"queued", "started", "scheduled", "deferred"})  # RQ JobStatus values still to run
 DONE = frozenset({"finished"})
 FAILED = frozenset({"failed", "stopped", "canceled"})
+LIVE_S = 15.0  # a worker whose heartbeat is older is taken for dead (it beats every 5 s: worker.py)
 
 
 class JobKind(str, Enum):
@@ -77,16 +78,29 @@ class QueueConfig:
     def maintenance_key(self) -> str:
         return f"{self.prefix}jobs:maintenance"
 
+    def running_key(self, job_id: str) -> str:
+        """Set while a worker runs ``job_id`` (refreshed with its heartbeat, set again after a Redis that
+        restarted empty): a follower never enqueues again a job that is still running (``follow.py``)."""
+        return f"{self.prefix}jobs:running:{job_id}"
+
     def ahead_key(self, job_id: str) -> str:
         """Set while a worker holds ``job_id`` taken ahead of its current job (``worker.py``)."""
         return f"{self.prefix}jobs:ahead:{job_id}"
 
 
-def connect(url: str, timeout_s: float = 10.0) -> redis.Redis:
-    """A client for RQ (bytes, not decoded). Workers raise the socket timeout above their BLPOP."""
+def connect(url: str, timeout_s: float = 10.0, connect_timeout_s: float = 2.0, retry: bool = True) -> redis.Redis:
+    """A client for RQ (bytes, not decoded). Workers raise the socket timeout above their BLPOP.
+    ``retry=False`` turns off redis-py's own retries (for answers that must come within a second)."""
     import redis
 
-    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=timeout_s, health_check_interval=30)
+    extra: dict[str, Any] = {}
+    if not retry:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        extra["retry"] = Retry(NoBackoff(), 0)
+    return redis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s, socket_timeout=timeout_s,
+                                health_check_interval=30, **extra)
 
 
 @dataclass(frozen=True)
@@ -137,14 +151,44 @@ class JobQueues:
                 job.delete()  # finished or failed earlier: this is a new request for the work
         return False
 
+    def remove_queued(self, kind: JobKind, job_ids: list[str]) -> int:
+        """Deletes those of ``job_ids`` still waiting in ``kind``'s queue (not those running), so that
+        enqueueing them later is a new job, not a duplicate of one in no list."""
+        removed = 0
+        for job_id in job_ids:
+            if self.queues[kind].remove(job_id):
+                job = self._fetch_or_none(job_id)
+                if job is not None:
+                    job.delete()
+                removed += 1
+        return removed
+
+    def live_workers(self, kind: JobKind) -> int:
+        """Workers listening on ``kind``'s queue (``live_workers``)."""
+        name = self.config.queue_name(kind)
+        return live_workers(self.connection, [name])[name]
+
+    def running(self, job_ids: list[str]) -> set[str]:
+        """Those of ``job_ids`` a live worker says it is running (``QueueConfig.running_key``)."""
+        if not job_ids:
+            return set()
+        with self.connection.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self.config.running_key(job_id))
+            return {job_id for job_id, found in zip(job_ids, pipe.execute()) if found}
+
     def states(self, job_ids: list[str]) -> list[JobState]:
         """Current state of each job (one round trip per 500 ids)."""
+        from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
         out: list[JobState] = []
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
-            jobs = Job.fetch_many(chunk, connection=self.connection, serializer=self.serializer)
+            try:
+                jobs = Job.fetch_many(chunk, connection=self.connection, serializer=self.serializer)
+            except NoSuchJobError:  # a half-written job hash (a heartbeat racing a Redis restart): one by one
+                jobs = [self._fetch_or_none(job_id) for job_id in chunk]
             for job_id, job in zip(chunk, jobs):
                 if job is None:
                     out.append(JobState(job_id, None))
@@ -158,6 +202,43 @@ class JobQueues:
                     result = value if isinstance(value, dict) else None
                 out.append(JobState(job_id, status, reason, result))
         return out
+
+    def _fetch_or_none(self, job_id: str) -> Any:
+        from rq.exceptions import NoSuchJobError
+        from rq.job import Job
+
+        try:
+            return Job.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        except NoSuchJobError:
+            return None
+
+
+def live_workers(connection: Any, queue_names: list[str]) -> dict[str, int]:
+    """Workers registered on each queue with a heartbeat in the last ``LIVE_S`` (each worker beats
+    every few seconds, busy or idle: ``worker.py``), so a killed one drops out within ``LIVE_S``,
+    while RQ's own sets and its worker keys keep it for minutes. Two round trips."""
+    import time
+
+    from rq import worker_registration
+    from rq.utils import utcparse
+
+    with connection.pipeline(transaction=False) as pipe:
+        for name in queue_names:
+            pipe.smembers(worker_registration.WORKERS_BY_QUEUE_KEY % name)
+        members = pipe.execute()
+    keys = sorted({key for found in members for key in found})
+    with connection.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hget(key, "last_heartbeat")
+        beats = pipe.execute()
+    alive = set()
+    for key, beat in zip(keys, beats):
+        try:
+            if beat and time.time() - utcparse(beat.decode()).timestamp() < LIVE_S:
+                alive.add(key)
+        except ValueError:  # a foreign format: not ours to judge
+            alive.add(key)
+    return {name: len(found & alive) for name, found in zip(queue_names, members)}
 
 
 def _failure_reason(job: Any) -> str:

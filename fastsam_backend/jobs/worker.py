@@ -20,6 +20,15 @@ worker that dies holding it leaves it to RQ's cleanup, which fails it over to a 
 longer than ``AHEAD_MAX_S`` (a long current job) or held at a warm shutdown goes back to the front
 of its queue instead. On a GPU a worker takes up to ``WORKER_BATCH - 1`` jobs ahead and segments
 their images with the current job's in one forward pass (``batching.py``).
+
+A Redis outage (a restart, a lost connection) does not end a worker: RQ's own loop waits while it
+dequeues, and every other Redis call of the worker -- recording a job's start and end, its
+heartbeats, taking ahead and giving back, the worker's own registration -- waits with backoff too
+(``outage.py``), says so once, and resumes. The job in hand finishes and its end is recorded once
+Redis is back; a Redis that came back empty (no persistence) gets the worker's registration again,
+and the jobs it lost are enqueued again by whoever follows them (``preannotate_project.py``). A
+worker exits only on a signal (during an outage, the job in hand is left to RQ's cleanup, which
+retries it) or a fatal configuration error. See docs/operations.md#faults.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from fastsam_backend.errors import BadRequest
 from fastsam_backend.images.cloud import ImageRef
 from fastsam_backend.jobs.batching import GPU_BATCH, warm_batch
 from fastsam_backend.jobs.functions import install_service
+from fastsam_backend.jobs.maintenance import Maintenance, give_back, utcnow
+from fastsam_backend.jobs.outage import RedisWait, is_outage
 from fastsam_backend.jobs.prefetch import PrefetchingLoader
 from fastsam_backend.jobs.queues import JobKind, QueueConfig, connect, count
 from fastsam_backend.settings import Settings, available_cores
@@ -45,19 +56,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5
 HEARTBEAT_TTL_S = 20
-CLEANUP_S = 5
-TICK_S = 1.0
 WORKER_TTL_S = 35  # RQ blocks in BLPOP for WORKER_TTL_S - 15 s between its own checks
-LOCK_TTL_MS = 5000
 AHEAD_MAX_S = 30  # RQ's cleanup treats a job in the intermediate list for over a minute as stuck
-RESCUE_AFTER_S = 10  # a job in an intermediate list, not started and held by no one, this long goes back
 
-# take the lock, or refresh it if it is ours (one script, so two workers never both hold it)
-_LOCK_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
-"""
 
 
 def _kind_of(job: Any, config: QueueConfig) -> JobKind:
@@ -72,7 +73,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
     one, or the next ``batch - 1`` when ``warm_batch(urls)`` is given too, which is called with the
     URLs of a warm job and of those taken ahead before that job runs (``batching.py``)."""
     depth = max(1, batch - 1) if warm_batch is not None else 1
-    from rq import Queue, SimpleWorker
+    from rq import Queue, SimpleWorker, worker_registration
+    from rq.exceptions import StopRequested
     from rq.serializers import JSONSerializer
     from rq.utils import get_version
     from rq.worker import WorkerStatus
@@ -87,6 +89,69 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             super().__init__(*args, **kwargs)
             self.ahead: list[tuple[Any, Any, float]] = []  # (job, queue, monotonic time taken), next first
             self.started_ahead: str | None = None
+            self.redis_wait = RedisWait(stopping=lambda: self._stop_requested)
+            self.torn_down = False  # unregistered: the maintenance thread must not register it again
+
+        def wait(self, fn: Any, *args: Any, what: str, **kwargs: Any) -> Any:
+            """``fn(...)``, waiting out a Redis outage (for as long as it lasts, or until told to stop)."""
+            return self.redis_wait.call(fn, *args, what=what, **kwargs)
+
+        # RQ's loop retries its dequeue on connection errors, but any other Redis error that reaches
+        # it ends the worker ("found an unhandled exception, quitting"): each Redis use RQ makes
+        # outside the dequeue is wrapped here so that it waits instead
+        def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+            if pipeline is not None:
+                return super().heartbeat(timeout, pipeline)
+            self.wait(super().heartbeat, timeout, what="sending the worker's heartbeat")
+            self.wait(self.ensure_registered, what="registering the worker")
+
+        def ensure_registered(self) -> None:
+            """Registered again after a Redis that restarted empty, so that ``Worker.all`` (the
+            followers' "is anyone listening" and ``/metrics``) sees this worker."""
+            if self.birth_date is None or self.torn_down or \
+                    self.connection.sismember(self.redis_workers_keys, self.key):
+                return  # not started yet (RQ registers it then), or registered
+            log.warning("worker %s: registering again (Redis lost its registration)", self.name)
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                pipe.execute()
+
+        def beat_alive(self) -> None:
+            """The worker's own heartbeat, from the maintenance thread, so that a follower can tell a
+            live worker (idle in a long BLPOP, or busy) from a killed one within seconds."""
+            if self.birth_date is not None and not self.torn_down:
+                super().heartbeat()
+
+        def teardown(self) -> None:
+            self.torn_down = True
+            try:
+                super().teardown()
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # stopping while Redis is away: the registration expires by itself (WORKER_TTL_S)
+                log.warning("worker %s: stopped without unregistering (Redis unreachable)", self.name)
+
+        def check_for_suspension(self, burst: bool) -> None:
+            self.wait(super().check_for_suspension, burst, what="checking for a suspension")
+
+        def run_maintenance_tasks(self) -> None:
+            self.wait(super().run_maintenance_tasks, what="RQ's maintenance")
+
+        def set_state(self, state: Any, pipeline: Any = None) -> None:
+            if pipeline is not None:
+                return super().set_state(state, pipeline)
+            self.wait(super().set_state, state, what="recording the worker's state")
+
+        def _finalize_success(self, job: Any, queue: Any, execution: Any, return_value: Any) -> None:
+            self.wait(super()._finalize_success, job, queue, execution, return_value,
+                      what=f"recording job {job.id} as done")
+
+        def _finalize_failure(self, job: Any, queue: Any, execution: Any, exc_info: Any) -> None:
+            self.wait(super()._finalize_failure, job, queue, execution, exc_info,
+                      what=f"recording the failure of job {job.id}")
 
         def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
             while self.ahead:
@@ -118,8 +183,8 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 log.warning("could not take the next job ahead: %s", exc)
 
         def give_back(self, job: Any, queue: Any) -> None:
-            give_back(queue, job.id)
-            self.connection.delete(config.ahead_key(job.id))
+            self.wait(give_back, queue, job.id, what=f"giving job {job.id} back to its queue")
+            self.wait(self.connection.delete, config.ahead_key(job.id), what="giving a job back")
 
         def give_back_ahead(self) -> None:
             held, self.ahead = self.ahead, []
@@ -127,14 +192,25 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 self.give_back(job, queue)
 
         def execute_job(self, job: Any, queue: Any) -> None:
+            try:
+                self._execute_job(job, queue)
+            except Exception as exc:
+                if not is_outage(exc):
+                    raise
+                # only when asked to stop during an outage: the job stays in the started registry (or
+                # its intermediate list), where RQ's cleanup finds it once Redis answers and retries it
+                log.warning("worker %s: stopping during a Redis outage; job %s is left to be retried", self.name,
+                            job.id)
+                raise StopRequested() from None
+
+        def _execute_job(self, job: Any, queue: Any) -> None:
             self.take_ahead()
-            execution = self.prepare_execution(job)
+            execution = self.wait(self.prepare_execution, job, what=f"recording the start of job {job.id}")
             if self.started_ahead == job.id:  # started: RQ's started registry covers it now
                 self.started_ahead = None
-                with self.connection.pipeline() as pipe:
-                    pipe.lrem(queue.intermediate_queue.key, 1, job.id)  # RQ leaves it there with 2+ queues
-                    pipe.delete(config.ahead_key(job.id))
-                    pipe.execute()
+                self.wait(self._forget_ahead, job, queue, what=f"starting job {job.id}")
+            self.wait(self.connection.set, config.running_key(job.id), self.name, ex=HEARTBEAT_TTL_S,
+                      what=f"starting job {job.id}")
             done = threading.Event()
             beat = threading.Thread(target=self._beat, args=(job, execution, done), name="rq-heartbeat", daemon=True)
             beat.start()
@@ -145,7 +221,14 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
             finally:
                 done.set()
                 beat.join(HEARTBEAT_S + 5)
+            self.wait(self.connection.delete, config.running_key(job.id), what=f"ending job {job.id}")
             self.set_state(WorkerStatus.IDLE)
+
+        def _forget_ahead(self, job: Any, queue: Any) -> None:
+            with self.connection.pipeline() as pipe:
+                pipe.lrem(queue.intermediate_queue.key, 1, job.id)  # RQ leaves it there with 2+ queues
+                pipe.delete(config.ahead_key(job.id))
+                pipe.execute()
 
         def run_batch(self, job: Any) -> None:
             urls = [job_image(job.args), *(job_image(ahead.args) for ahead, _, _ in self.ahead)]
@@ -155,14 +238,19 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
                 log.warning("batch of %d warm jobs failed: %s", len(urls), exc)
 
         def _beat(self, job: Any, execution: Any, done: threading.Event) -> None:
+            failing = False
             while not done.wait(HEARTBEAT_S):
                 try:
                     self.maintain_heartbeats(job, execution)
-                except Exception as exc:  # Redis away for a moment: the next beat tries again
-                    log.warning("heartbeat of job %s failed: %s", job.id, exc)
+                    self.connection.set(config.running_key(job.id), self.name, ex=HEARTBEAT_TTL_S)
+                    self.ensure_registered()
+                    failing = False
+                except Exception as exc:  # Redis away for a moment: the next beat tries again (said once)
+                    (log.debug if failing else log.warning)("heartbeat of job %s failed: %s", job.id, exc)
+                    failing = True
 
         def clean_registries(self) -> None:
-            self.last_cleaned_at = _utcnow()  # the maintenance thread cleans, under its own lock
+            self.last_cleaned_at = utcnow()  # the maintenance thread cleans, under its own lock
 
     def on_failure(job: Any, exc_type: Any, exc_value: BaseException | None, tb: Any) -> bool:
         from rq.exceptions import AbandonedJobError
@@ -183,80 +271,6 @@ def make_worker(config: QueueConfig, queue_names: list[str], connection: Any, na
     return worker
 
 
-def give_back(queue: Any, job_id: str) -> None:
-    """A job taken off ``queue`` but never started goes back to its front."""
-    with queue.connection.pipeline() as pipe:
-        pipe.lrem(queue.intermediate_queue.key, 1, job_id)
-        pipe.lpush(queue.key, job_id)
-        pipe.execute()
-
-
-def _utcnow() -> Any:
-    from rq.utils import now
-
-    return now()
-
-
-class Maintenance(threading.Thread):
-    """Registry cleaning and due retries, by one worker of the whole deployment at a time."""
-
-    def __init__(self, worker: Any, config: QueueConfig) -> None:
-        super().__init__(name="fastsam-maintenance", daemon=True)
-        self.worker, self.config = worker, config
-        self.stopped = threading.Event()
-        self._token = uuid.uuid4().hex
-        self._lock = worker.connection.register_script(_LOCK_LUA)
-        self._unheld: dict[str, float] = {}  # job id -> when first seen taken, not started and held by no one
-
-    def run(self) -> None:
-        from rq.scheduler import RQScheduler
-        from rq.serializers import JSONSerializer
-
-        scheduler = RQScheduler(self.config.queue_names, connection=self.worker.connection, serializer=JSONSerializer)
-        scheduler.prepare_registries(self.config.queue_names)
-        last_clean, warned = 0.0, False
-        while not self.stopped.wait(TICK_S):
-            try:
-                if not self._lock(keys=[self.config.maintenance_key], args=[self._token, LOCK_TTL_MS]):
-                    continue
-                scheduler.enqueue_scheduled_jobs()  # retries whose backoff is over
-                if time.monotonic() - last_clean >= CLEANUP_S:
-                    last_clean = time.monotonic()
-                    self.clean()
-                warned = False
-            except Exception as exc:  # Redis restarting: try again next tick, say so once
-                (log.debug if warned else log.warning)("job maintenance failed: %s", exc)
-                warned = True
-
-    def clean(self) -> None:
-        from rq import worker_registration
-        from rq.registry import clean_registries
-
-        for queue in self.worker.queues:
-            self.rescue_ahead(queue)
-            clean_registries(queue, [self.worker.fastsam_on_failure])  # stale started jobs: retried or failed
-            worker_registration.clean_worker_registry(queue)
-            queue.intermediate_queue.cleanup(self.worker, queue)  # dequeued by a worker that died at once
-
-
-    def rescue_ahead(self, queue: Any, now: float | None = None) -> None:
-        """Jobs a worker took ahead and died holding go back to the front of their queue after
-        ``RESCUE_AFTER_S`` (RQ's own cleanup would fail them over to a retry after a minute)."""
-        now = time.monotonic() if now is None else now
-        conn, seen = self.worker.connection, set()
-        for job_id in queue.intermediate_queue.get_job_ids():
-            seen.add(job_id)
-            if job_id in queue.started_job_registry or conn.exists(self.config.ahead_key(job_id)):
-                self._unheld.pop(job_id, None)
-                continue
-            if now - self._unheld.setdefault(job_id, now) >= RESCUE_AFTER_S:
-                log.warning("job %s was taken ahead by a worker that is gone: back to its queue", job_id)
-                give_back(queue, job_id)
-                self._unheld.pop(job_id, None)
-        for job_id in set(self._unheld) - seen:
-            del self._unheld[job_id]
-
-
 def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = False) -> None:
     """One worker process: build the service, load its models, then take jobs until told to stop."""
     from fastsam_backend.service.orchestrator import build_service
@@ -273,6 +287,8 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
              time.perf_counter() - started, service.model_version, ", ".join(queue_names))
     install_service(service)
     connection = connect(config.redis_url, timeout_s=WORKER_TTL_S)
+    # a worker started while Redis restarts (compose starts both at once) waits for it
+    RedisWait().call(connection.ping, what="connecting to the queues' Redis")
     batch = settings.worker_batch or (GPU_BATCH if service.segmenter.batches else 1)
     loader = None
     if settings.worker_prefetch or batch > 1:
@@ -283,7 +299,7 @@ def run_worker(settings: Settings, queue_names: list[str], *, burst: bool = Fals
                          warm_batch=(lambda urls: warm_batch(service, urls, batch)) if batch > 1 else None)
     if batch > 1:
         log.info("worker %d: warm jobs in batches of up to %d images", os.getpid(), batch)
-    maintenance = Maintenance(worker, config)
+    maintenance = Maintenance(worker, config, beat_s=HEARTBEAT_S)
     maintenance.start()
     try:
         worker.work(burst=burst, with_scheduler=False, logging_level=settings.log_level.upper(),

@@ -2,8 +2,9 @@
 the model versions already predicted on each, and writing a prediction -- with retries.
 
 Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with exponential
-backoff (tenacity); the SDK's own retries are off, so that a POST is never repeated blindly: before
-a prediction is sent again, the task is asked whether it holds one of that version already (the
+backoff (tenacity), at least ``ATTEMPTS`` times and for up to ``RETRY_FOR_S`` -- long enough for a
+Label Studio restart; the SDK's own retries are off, so that a POST is never repeated blindly: before a
+prediction is sent again, the task is asked whether it holds one of that version already (the
 first POST may have landed before its answer was lost). That is what makes a resumed run, or a job
 retried after its worker died, leave exactly one prediction per task.
 """
@@ -20,7 +21,8 @@ import tenacity
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 100
-ATTEMPTS = 5
+ATTEMPTS = 5  # at least, however quickly they fail
+RETRY_FOR_S = 60.0  # a Label Studio restart (migrations checked, gunicorn up) takes tens of seconds
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,12 @@ def transient(exc: BaseException) -> bool:
 def _retrying(what: str) -> tenacity.Retrying:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("Label Studio %s failed (%s); try %d of %d in %.1f s", what, describe(exc),
-                    state.attempt_number + 1, ATTEMPTS, state.next_action.sleep if state.next_action else 0)
+        (log.warning if state.attempt_number == 1 else log.info)(
+            "Label Studio %s failed (%s); try %d in %.1f s (retrying for up to %.0f s)", what, describe(exc),
+            state.attempt_number + 1, state.next_action.sleep if state.next_action else 0, RETRY_FOR_S)
 
-    return tenacity.Retrying(retry=tenacity.retry_if_exception(transient), stop=tenacity.stop_after_attempt(ATTEMPTS),
+    stop = tenacity.stop_after_attempt(ATTEMPTS) & tenacity.stop_after_delay(RETRY_FOR_S)
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(transient), stop=stop,
                              wait=tenacity.wait_exponential(multiplier=0.5, max=8), reraise=True,
                              before_sleep=before_sleep)
 

@@ -250,16 +250,27 @@ class LabelStudio:
         env.update(LABEL_STUDIO_BASE_DATA_DIR=str(tmp / "ls-data"), ML_BLOCK_LOCAL_IP="false",
                    SSRF_PROTECTION_ENABLED="false", LATEST_VERSION_CHECK="false", COLLECT_ANALYTICS="false",
                    SENTRY_DSN="", FRONTEND_SENTRY_DSN="")
-        proc = Proc("label-studio", [str(LS_EXE), "start", "--port", str(port), "--internal-host", "127.0.0.1",
-                                     "--no-browser", f"--username={user}", f"--password={password}"],
-                    env, tmp / "label-studio.log", tmp)
+        cmd = [str(LS_EXE), "start", "--port", str(port), "--internal-host", "127.0.0.1", "--no-browser",
+               f"--username={user}", f"--password={password}"]
+        proc = Proc("label-studio", cmd, env, tmp / "label-studio.log", tmp)
         url = f"http://127.0.0.1:{port}"
         try:
             proc.wait_http(f"{url}/health", timeout_s)
-            return cls(proc, url, user, password)
+            ls = cls(proc, url, user, password)
         except BaseException:
             proc.stop()
             raise
+        ls._spawn = (cmd, env, tmp)
+        return ls
+
+    def restart(self, down_s: float = 0.0, timeout_s: float = 600) -> None:
+        """Stopped (SIGTERM), ``down_s`` later started again on the same port and data; blocks until
+        it answers. Tokens and projects survive (its database is on disk)."""
+        cmd, env, tmp = self._spawn
+        self.proc.stop()
+        time.sleep(down_s)
+        self.proc = Proc("label-studio", cmd, env, tmp / "label-studio.log", tmp)
+        self.proc.wait_http(f"{self.url}/health", timeout_s)
 
     def login(self) -> requests.Session:
         """A browser-like session: the login form (fields ``email``, ``password``) with its CSRF token."""
