@@ -140,6 +140,34 @@ def test_pre_annotation_limits(service):
         == {"circle"}
 
 
+def test_only_answerable_instances_are_embedded_and_a_later_prompt_embeds_what_is_missing(make_settings):
+    """A capped pre-annotation embeds the instances it keeps, no more; a text prompt on the same
+    image then embeds the rows it lacks (not silently zero) and answers as on a fresh cache, with
+    the same embeddings as embedding everything at once."""
+    settings = make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
+                             open_clip_pretrained=str(MODELS / "clip-shapes.pt"), label_min_similarity=-1.0)
+    lazy, fresh = build_service(settings), build_service(settings)
+    embedded: list[int] = []
+    embed = lazy.clip.embed_masks
+    lazy.clip.embed_masks = lambda pixels, masks: (embedded.append(len(masks)), embed(pixels, masks))[1]
+    scene = generate_scene(SEEDS[3])
+    task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+    lazy.setup(SetupRequest("80.1", extra_params={"preannotate_max_instances": 2}))
+    (pred,) = lazy.predict(predict_request([task], None, SHAPES_CONFIG, "80.1"))
+    assert Counter(r["type"] for r in pred["result"])["brushlabels"] == 2 and embedded == [2]
+    found = lazy.masks_for(task["data"]["image"])
+    n = len(found.masks)
+    assert n > 2
+    text = {"result": [text_region("the red circle")]}
+    (answer,) = lazy.predict(predict_request([task], text, TEXT_CONFIG))
+    assert embedded == [2, n - 2]  # the rows pre-annotation had not embedded, each once
+    (expected,) = fresh.predict(predict_request([task], text, TEXT_CONFIG))
+    assert [r["value"] for r in answer["result"]] == [r["value"] for r in expected["result"]] != []
+    all_rows = fresh.crop_embeddings(fresh.masks_for(task["data"]["image"])).astype(np.float32)
+    assert np.abs(lazy.crop_embeddings(found).astype(np.float32) - all_rows).max() < 2e-3  # batching: float error
+    assert embedded == [2, n - 2]
+
+
 def test_clip_identity_changes_when_its_checkpoint_file_is_replaced(tmp_path):
     """Crop embeddings are cached under the identity (and it enters model_version): another
     checkpoint copied over the same path must not be served the old one's embeddings."""
