@@ -188,18 +188,26 @@ class ClipScorer:
         self.load()
         import torch
 
-        areas = masks.areas
-        keep = np.flatnonzero(areas > self.config.min_mask_area)
-        crops = [self._preprocess(Image.fromarray(whitened_square_crop(image, masks, int(i)))) for i in keep]
-        dim = self._embed_dim()
-        out = np.zeros((len(masks), dim), dtype=np.float16)
+        keep = np.flatnonzero(masks.areas > self.config.min_mask_area)
+        out = np.zeros((len(masks), self._embed_dim()), dtype=np.float16)
         with self._infer_lock, torch.inference_mode():
-            for start in range(0, len(crops), BATCH):
-                batch = torch.stack(crops[start : start + BATCH]).to(self._device)
-                features = self._model.encode_image(batch).float()
-                features = features / features.norm(dim=-1, keepdim=True)
-                out[keep[start : start + BATCH]] = features.cpu().numpy().astype(np.float16)
+            for start in range(0, len(keep), BATCH):
+                rows = keep[start : start + BATCH]
+                out[rows] = self._encode_crops(self._crops(image, masks, rows))
         return out
+
+    def _crops(self, image: np.ndarray, masks: MaskSet, rows: np.ndarray) -> Any:
+        """``(B, 3, S, S)`` CLIP input of masks ``rows``' whitened crops (open_clip's own transform)."""
+        import torch
+
+        return torch.stack([self._preprocess(Image.fromarray(whitened_square_crop(image, masks, int(i))))
+                            for i in rows])
+
+    def _encode_crops(self, batch: Any) -> np.ndarray:
+        """``(B, D)`` float16 unit image embeddings of a preprocessed batch."""
+        features = self._model.encode_image(batch.to(self._device)).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        return features.cpu().numpy().astype(np.float16)
 
     def embed_texts(self, phrases: list[str]) -> np.ndarray:
         """``(T, D)`` float32 unit embeddings, each the mean over prompt templates."""
