@@ -169,7 +169,7 @@ def run(ctx: Context) -> dict[str, Any]:
     with _clip_off(service):
         rows["warm_job_no_clip"] = _measure(ctx, service, timers, reps, lambda: functions.warm_image(url))
     click_ms = rows["click"]["total_ms"]
-    for name, row in rows.items():
+    for row in rows.values():
         row["x_cold_click"] = ratio(row["total_ms"], click_ms)
     warm = ratio(rows["warm_job_clip"]["total_ms"], rows["warm_job_no_clip"]["total_ms"])
     out["warm_job_clip_x_no_clip"] = warm

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     conf: float = Field(0.4, ge=0.0, le=1.0)
     iou: float = Field(0.9, ge=0.0, le=1.0)
     max_det: int = Field(300, ge=1, le=3000)
+    fastsam_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="how a .pt is served on a CPU: auto (its ONNX Runtime export when the masks match), "
+                            "torch, onnx")
     allow_download: bool = Field(
         True, validation_alias=AliasChoices("FASTSAM_ALLOW_DOWNLOAD", "ALLOW_DOWNLOAD")
     )
