@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     open_clip_model: str = Field("ViT-B-32", description="open_clip model name, or a model config .json path")
     open_clip_pretrained: str = Field("openai", description="open_clip pretrained tag, or a checkpoint path")
     clip_min_mask_area: int = Field(100, ge=0, description="masks of this many pixels or fewer are not scored")
+    clip_image_size: int = Field(0, ge=0, le=1024, description="opt-in: CLIP image tower input side (0: the "
+                                                                  "model's own); faster, approximate")
+    clip_int8: bool = Field(False, description="opt-in: CLIP image tower in dynamic int8 on a CPU; faster, approximate")
     text_margin: float = Field(
         0.02, ge=0, description="'all red circles': every mask within this cosine margin of the best"
     )

@@ -180,15 +180,56 @@ def test_clip_identity_changes_when_its_checkpoint_file_is_replaced(tmp_path):
     shutil.copy(MODELS / "clip-shapes.pt", weights)
     make = lambda: ClipScorer(ClipConfig(model=str(config), pretrained=str(weights), device="cpu"))  # noqa: E731
     first = make().identity
-    assert first.startswith("clip-clip-shapes-clip-shapes-") and first == make().identity
+    assert first.startswith("clip-clip-shapes-clip-shapes-t1-") and first == make().identity
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert make().identity != first
     released = ClipScorer(ClipConfig(model="ViT-B-32", pretrained="openai")).identity
-    assert released == "clip-ViT-B-32-openai"
+    assert released == "clip-ViT-B-32-openai-t1"  # t1: the preprocessing (ClipConfig.recipe)
+    faster = {ClipScorer(ClipConfig(model="ViT-B-32", pretrained="openai", **opt)).identity
+              for opt in ({"image_size": 112}, {"int8": True}, {"image_size": 112, "int8": True})}
+    assert len(faster | {released}) == 4  # each approximation: its own cache entries, version, learned examples
     weights.unlink()  # missing: named, and not remembered as if it had no file
     scorer = make()
-    assert scorer.identity == "clip-clip-shapes-clip-shapes"
+    assert scorer.identity == "clip-clip-shapes-clip-shapes-t1"
     shutil.copy(MODELS / "clip-shapes.pt", weights)
     assert scorer.identity == first
+
+
+def test_tensor_preprocessing_gives_open_clips_embeddings_up_to_float_error():
+    """``tensor_batch`` (no PIL image per crop) against open_clip's own transform, on crops of many
+    sizes: inputs within two grey levels, unit embeddings within 1e-3 (float16 storage keeps ~1e-3)."""
+    import torch
+
+    from fastsam_backend.models.clip import ClipConfig, ClipScorer, input_geometry, pil_batch, tensor_batch
+
+    scorer = ClipScorer(ClipConfig(model=str(MODELS / "clip-shapes.json"), pretrained=str(MODELS / "clip-shapes.pt"),
+                                   device="cpu"))
+    scorer.load()
+    rng = np.random.default_rng(7)
+    crops = []
+    for side in (3, 17, 48, 49, 130, 401):
+        crop = np.full((side, side, 3), 255, np.uint8)
+        crop[side // 4 :] = rng.integers(0, 256, (side - side // 4, side, 3))
+        crops.append(crop)
+    ours, theirs = tensor_batch(crops, *input_geometry(scorer._preprocess)), pil_batch(scorer._preprocess, crops)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 2 / 255 / 0.26
+    with torch.inference_mode():
+        a, b = scorer._encode_crops(ours).astype(np.float32), scorer._encode_crops(theirs).astype(np.float32)
+    assert np.abs(a - b).max() < 1e-3
+
+
+def test_opt_in_lower_resolution_and_int8_load_and_embed_the_fixture():
+    from fastsam_backend.models.clip import ClipConfig, ClipScorer
+
+    scene = generate_scene(SEEDS[4])
+    found = None
+    for opt in ({"image_size": 32}, {"int8": True}):
+        scorer = ClipScorer(ClipConfig(model=str(MODELS / "clip-shapes.json"),
+                                       pretrained=str(MODELS / "clip-shapes.pt"), device="cpu", **opt))
+        from fastsam_backend.quality.fake import GroundTruthSegmenter
+
+        found = found or GroundTruthSegmenter([scene]).segment(scene.image)
+        emb = scorer.embed_masks(scene.image, found).astype(np.float32)
+        assert emb.shape[0] == len(found) and np.allclose(np.linalg.norm(emb[emb.any(axis=1)], axis=1), 1, atol=1e-2)
