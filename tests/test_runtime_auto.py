@@ -36,14 +36,16 @@ def test_auto_exports_once_checks_and_serves_onnx_under_the_pt_identity(exported
     target = runtime.export_path(fastsam_weights, model_dir)
     assert seg.runtime == "onnx" and target.is_file()
     verdict = json.loads(target.with_suffix(".onnx.json").read_text())
-    assert verdict["passed"] and verdict["min_mask_iou"] >= runtime.CHECK_IOU
+    assert verdict["passed"] and verdict["mask_iou"] >= runtime.CHECK_IOU
+    assert verdict["min_mask_iou"] >= runtime.CHECK_WORST_IOU
     assert sorted(p.name for p in model_dir.iterdir()) == sorted([target.name, target.name + ".json"])  # no leftovers
     torch_seg = _seg(fastsam_weights, model_dir, "torch")
     assert torch_seg.identity == seg.identity  # same model_version and mask cache keys as torch
     image = generate_scene(1_000_410).image
     ours, theirs = seg.segment(image), torch_seg.segment(image)
     assert torch_seg.runtime == "torch" and len(ours) > 0
-    assert runtime.agreement(theirs, ours) >= runtime.CHECK_IOU
+    overall, worst = runtime.agreement(theirs, ours)
+    assert overall >= runtime.CHECK_IOU and worst >= runtime.CHECK_WORST_IOU
 
 
 def test_a_second_process_reuses_the_export_and_its_verdict(exported, fastsam_weights, monkeypatch):
@@ -69,7 +71,7 @@ def test_a_read_only_model_dir_serves_torch_with_one_log_line(fastsam_weights, t
 
 
 def test_masks_that_differ_serve_torch_and_torch_never_exports(fastsam_weights, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(runtime, "agreement", lambda ref, other: 0.5)  # as if the export segmented differently
+    monkeypatch.setattr(runtime, "agreement", lambda ref, other: (0.5, 0.5))  # as if the export segmented differently
     caplog.set_level(logging.WARNING, logger="fastsam_backend.models.runtime")
     seg = _seg(fastsam_weights, tmp_path)
     seg.load()
