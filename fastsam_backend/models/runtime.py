@@ -94,6 +94,7 @@ def _export(pt: Path, target: Path, imgsz: int) -> None:
     """``pt`` exported to ``target`` atomically (a temporary folder beside it, then a rename)."""
     from ultralytics import YOLO
 
+    target.parent.mkdir(parents=True, exist_ok=True)  # MODEL_DIR as released weights would make it
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
         staged = tmp / f"{target.stem}.pt"
