@@ -26,7 +26,7 @@ from .common import ratio
 def fast_config(config, mode: str, int8: bool = True):
     """The opt-in faster CLIP measured beside the default: lower input side + int8 image tower
     (int8: CPU only)."""
-    return replace(config, image_size=32 if mode == "smoke" else 112, int8=int8)
+    return replace(config, image_size=32 if mode == "smoke" else 128, int8=int8)
 
 
 def settings_of(config) -> str:
@@ -71,7 +71,7 @@ def measure(exact, image: np.ndarray, masks, labels: tuple[str, ...], mode: str,
                             "embedding_max_abs_diff": float(np.abs(_unit(via_pil) - ref).max())}
     labels_ref = (ref @ phrases.T).argmax(axis=1)
     variants: dict[str, Any] = {"exact": {"ms_per_crop": round(1000 * t_exact / len(crops), 2)}}
-    side = 32 if mode == "smoke" else 112
+    side = 32 if mode == "smoke" else 128
     options = [("int8", {"int8": True}), (f"r{side}", {"image_size": side}),
                (f"r{side}+int8", {"image_size": side, "int8": True})]
     for name, opts in options if int8 else options[1:2]:
