@@ -31,6 +31,14 @@ ARG FETCH_WEIGHTS=1
 ARG WEIGHTS_URL=https://github.com/ultralytics/assets/releases/download/v8.3.0/FastSAM-s.pt
 RUN mkdir -p /models && if [ "$FETCH_WEIGHTS" = "1" ]; then \
       curl -fL --retry 3 -o /models/FastSAM-s.pt "$WEIGHTS_URL"; fi
+# The default CLIP (text prompts, zero-shot labels) beside it, by the same switch, referenced by
+# path: nothing is downloaded at run time (the read-only root's 1 GiB /tmp would otherwise hold
+# ~600 MB of it per container start). OpenAI's ViT-B-32 weights were trained with QuickGELU, hence
+# open_clip's "-quickgelu" config; docs/weights.md says how to bring other CLIP weights.
+RUN if [ "$FETCH_WEIGHTS" = "1" ]; then \
+      python -c "import open_clip, os, shutil; os.makedirs('/models/clip'); shutil.copyfile(open_clip.download_pretrained(open_clip.get_pretrained_cfg('ViT-B-32-quickgelu', 'openai'), cache_dir='/tmp/clip-fetch'), '/models/clip/openai.bin')" \
+      && rm -rf /tmp/clip-fetch; fi
+ENV OPEN_CLIP_MODEL=ViT-B-32-quickgelu OPEN_CLIP_PRETRAINED=/models/clip/openai.bin
 
 # /models stays writable for a download when the weights were not fetched at build time
 # (FETCH_WEIGHTS=0, FASTSAM_ALLOW_DOWNLOAD=true, no read_only); the code is root's, read-only.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,9 @@ class Settings(BaseSettings):
     conf: float = Field(0.4, ge=0.0, le=1.0)
     iou: float = Field(0.9, ge=0.0, le=1.0)
     max_det: int = Field(300, ge=1, le=3000)
+    fastsam_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="how a .pt is served on a CPU: auto (its ONNX Runtime export when the masks match), "
+                            "torch, onnx")
     allow_download: bool = Field(
         True, validation_alias=AliasChoices("FASTSAM_ALLOW_DOWNLOAD", "ALLOW_DOWNLOAD")
     )
@@ -86,6 +90,9 @@ class Settings(BaseSettings):
     open_clip_model: str = Field("ViT-B-32", description="open_clip model name, or a model config .json path")
     open_clip_pretrained: str = Field("openai", description="open_clip pretrained tag, or a checkpoint path")
     clip_min_mask_area: int = Field(100, ge=0, description="masks of this many pixels or fewer are not scored")
+    clip_image_size: int = Field(0, ge=0, le=1024, description="opt-in: CLIP image tower input side (0: the "
+                                                                  "model's own); faster, approximate")
+    clip_int8: bool = Field(False, description="opt-in: CLIP image tower in dynamic int8 on a CPU; faster, approximate")
     text_margin: float = Field(
         0.02, ge=0, description="'all red circles': every mask within this cosine margin of the best"
     )

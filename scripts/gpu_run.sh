@@ -2,6 +2,8 @@
 # One prepared run on a lent GPU machine (the workplace's `device` tool; not part of CI):
 #   1. the GPU column of the cold benchmark (`python -m bench --full --only cold`), and one worker's
 #      warm throughput with batches of 8 against one image per pass (`python -m bench.gpu_batch`);
+#      With DEFAULTS=1 (the default), the real-default section (`python -m bench --quick --only defaults`:
+#      FastSAM-s@1024 + CLIP ViT-B-32, click / text / labelled pre-annotation / warm job; report only);
 #   2. stage 3 of the FastSAM fixture (scripts/reproduce_fastsam_fixture.sh, STAGES=3, on CUDA),
 #      continuing from INIT, the stage-2 weights.
 # Usage there:  OUT=/some/dir INIT=stage2.pt [BENCH=0] [TRAIN=0] bash scripts/gpu_run.sh
@@ -27,6 +29,13 @@ if [ "${BENCH:-1}" != 0 ]; then
   timeout "${BATCH_TIMEOUT:-180}" python3 -m bench.gpu_batch --images 64 --batch 8 --imgsz 1024 \
     --out "$OUT/gpu-batch.json" >"$OUT/gpu-batch.log" 2>&1
   echo "gpu_batch rc=$?"; tail -c 1500 "$OUT/gpu-batch.json"
+fi
+
+if [ "${DEFAULTS:-1}" != 0 ]; then
+  # issue #25: the default architectures with CLIP on the GPU (open_clip must be importable: .whl/)
+  timeout "${DEFAULTS_TIMEOUT:-240}" python3 -m bench --quick --only defaults --out /tmp/bench/defaults-gpu.json \
+    >"$OUT/defaults-gpu.txt" 2>"$OUT/defaults-gpu.log"
+  echo "defaults rc=$?"; cp /tmp/bench/defaults-gpu.json "$OUT/" 2>/dev/null; grep defaults "$OUT/defaults-gpu.txt"
 fi
 
 [ "${TRAIN:-1}" = 0 ] && { echo "TRAIN=0: no training"; exit 0; }

@@ -57,7 +57,8 @@ def make_settings(fastsam_weights, tmp_path_factory):
         # the test servers listen on 127.0.0.1, which the outbound policy refuses unless allowed
         base = dict(fastsam_weights=str(fastsam_weights), model_dir=model_dir, imgsz=FIXTURE_IMGSZ,
                     conf=FIXTURE_CONF, iou=0.7, allow_download=False, redis_url=None,
-                    load_on_start=False, outbound_allow=TEST_OUTBOUND_ALLOW)
+                    load_on_start=False, outbound_allow=TEST_OUTBOUND_ALLOW,
+                    fastsam_runtime="torch")  # the ONNX Runtime default has its own tests (test_runtime_auto.py)
         base.update(overrides)
         return Settings(**base)
 

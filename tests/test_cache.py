@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from fastsam_backend.cache.backends import EmbeddedCache, RedisCache, make_cache
-from fastsam_backend.cache.store import EMBEDDINGS, ImageKey, MaskStore, cache_key
+from fastsam_backend.cache.store import EMBEDDINGS, Embeddings, ImageKey, MaskStore, cache_key
 from fastsam_backend.core.codec import SCHEMA_VERSION, decode_entry, encode_entry
 from fastsam_backend.core.masks import MaskSet
 from fastsam_backend.quality.net import free_port
@@ -388,7 +388,7 @@ def test_cross_process_wait_is_bounded(redis_prefix: str, caplog) -> None:
 def test_encode_failure_propagates() -> None:
     store = MaskStore(CountingCache())
     with pytest.raises(TypeError):
-        store.get_or_compute("k", lambda: np.array(["x"]), EMBEDDINGS)
+        store.get_or_compute("k", lambda: Embeddings(np.array([["x"]]), np.ones(1, bool)), EMBEDDINGS)
     assert encode_entry(masks(), None)  # sanity: the store is still usable
     assert store.get_or_compute("k", masks)[1] is False
 
@@ -424,14 +424,15 @@ def test_every_kind_of_entry_has_its_own_key_and_is_shared_through_the_byte_cach
     store = MaskStore(cache)
     store.remember_url("/data/upload/1/a.png", image.digest)
     ms, hit = store.masks(image, masks)
-    emb = store.embeddings(image, "clip-y", lambda: np.arange(8, dtype=np.float16).reshape(4, 2))
+    emb = store.embeddings(image, "clip-y", 4, np.arange(4),
+                           lambda rows: np.arange(8, dtype=np.float16).reshape(4, 2)[rows]).vectors
     assert not hit and emb.shape == (4, 2)
     assert sorted(k.split(":", 1)[0] for k in cache._data) == ["emb", "masks", "url"]
     other = MaskStore(cache)  # another replica: everything comes from the byte cache
     assert other.digest_for_url("/data/upload/1/a.png") == image.digest
     assert other.digest_for_url("/data/upload/1/b.png") is None
     assert same(other.peek_masks(image), ms)
-    got = other.embeddings(image, "clip-y", lambda: pytest.fail("recomputed"))
+    got = other.embeddings(image, "clip-y", 4, np.arange(4), lambda rows: pytest.fail("recomputed")).vectors
     assert got.tolist() == emb.tolist() and not got.flags.writeable
     assert other.peek_masks(ImageKey(image.digest, "fastsam-x", {"imgsz": 1024})) is None
 
@@ -443,3 +444,31 @@ def test_a_foreign_url_entry_is_not_trusted_as_a_digest() -> None:
     (key,) = cache._data
     cache.put(key, b"../../etc/passwd")
     assert store.digest_for_url("/a.png") is None
+
+
+def test_embeddings_are_embedded_by_rows_and_a_later_caller_gets_the_rows_it_misses() -> None:
+    """The ``emb:`` entry says which rows it holds: a caller asking for rows it lacks embeds just
+    those (in this replica or another), merged into the entry; rows held are never recomputed."""
+    cache = CountingCache()
+    image = ImageKey("cd" * 32, "fastsam-x", {"imgsz": 640})
+    table = np.arange(12, dtype=np.float16).reshape(6, 2) + 1
+    asked: list[list[int]] = []
+
+    def compute(rows: np.ndarray) -> np.ndarray:
+        asked.append(rows.tolist())
+        return table[rows]
+
+    store = MaskStore(cache)
+    first = store.embeddings(image, "clip-y", 6, [4, 1, 4], compute)
+    assert asked == [[1, 4]] and first.held.tolist() == [False, True, False, False, True, False]
+    assert first.vectors[[1, 4]].tolist() == table[[1, 4]].tolist() and not first.vectors[[0, 2, 3, 5]].any()
+    other = MaskStore(cache)  # another replica reads the entry and embeds only what it lacks
+    both = other.embeddings(image, "clip-y", 6, [0, 1], compute)
+    assert asked == [[1, 4], [0]] and both.held.tolist() == [True, True, False, False, True, False]
+    assert both.vectors[[0, 1, 4]].tolist() == table[[0, 1, 4]].tolist()
+    assert store.embeddings(image, "clip-y", 6, [0], compute).vectors[0].tolist() == table[0].tolist()
+    assert asked == [[1, 4], [0]]  # the first replica found row 0 in the byte cache
+    with pytest.raises(IndexError):
+        store.embeddings(image, "clip-y", 6, [6], compute)
+    assert store.embeddings(image, "clip-other", 6, [0], compute).held.sum() == 1  # CLIP identity: own entry
+    assert asked[-1] == [0]

@@ -140,6 +140,34 @@ def test_pre_annotation_limits(service):
         == {"circle"}
 
 
+def test_only_answerable_instances_are_embedded_and_a_later_prompt_embeds_what_is_missing(make_settings):
+    """A capped pre-annotation embeds the instances it keeps, no more; a text prompt on the same
+    image then embeds the rows it lacks (not silently zero) and answers as on a fresh cache, with
+    the same embeddings as embedding everything at once."""
+    settings = make_settings(open_clip_model=str(MODELS / "clip-shapes.json"),
+                             open_clip_pretrained=str(MODELS / "clip-shapes.pt"), label_min_similarity=-1.0)
+    lazy, fresh = build_service(settings), build_service(settings)
+    embedded: list[int] = []
+    embed = lazy.clip.embed_masks
+    lazy.clip.embed_masks = lambda pixels, masks: (embedded.append(len(masks)), embed(pixels, masks))[1]
+    scene = generate_scene(SEEDS[3])
+    task = {"id": 1, "data": {"image": data_uri(scene.image)}}
+    lazy.setup(SetupRequest("80.1", extra_params={"preannotate_max_instances": 2}))
+    (pred,) = lazy.predict(predict_request([task], None, SHAPES_CONFIG, "80.1"))
+    assert Counter(r["type"] for r in pred["result"])["brushlabels"] == 2 and embedded == [2]
+    found = lazy.masks_for(task["data"]["image"])
+    n = len(found.masks)
+    assert n > 2
+    text = {"result": [text_region("the red circle")]}
+    (answer,) = lazy.predict(predict_request([task], text, TEXT_CONFIG))
+    assert embedded == [2, n - 2]  # the rows pre-annotation had not embedded, each once
+    (expected,) = fresh.predict(predict_request([task], text, TEXT_CONFIG))
+    assert [r["value"] for r in answer["result"]] == [r["value"] for r in expected["result"]] != []
+    all_rows = fresh.crop_embeddings(fresh.masks_for(task["data"]["image"])).astype(np.float32)
+    assert np.abs(lazy.crop_embeddings(found).astype(np.float32) - all_rows).max() < 2e-3  # batching: float error
+    assert embedded == [2, n - 2]
+
+
 def test_clip_identity_changes_when_its_checkpoint_file_is_replaced(tmp_path):
     """Crop embeddings are cached under the identity (and it enters model_version): another
     checkpoint copied over the same path must not be served the old one's embeddings."""
@@ -152,15 +180,56 @@ def test_clip_identity_changes_when_its_checkpoint_file_is_replaced(tmp_path):
     shutil.copy(MODELS / "clip-shapes.pt", weights)
     make = lambda: ClipScorer(ClipConfig(model=str(config), pretrained=str(weights), device="cpu"))  # noqa: E731
     first = make().identity
-    assert first.startswith("clip-clip-shapes-clip-shapes-") and first == make().identity
+    assert first.startswith("clip-clip-shapes-clip-shapes-t1-") and first == make().identity
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     assert make().identity != first
     released = ClipScorer(ClipConfig(model="ViT-B-32", pretrained="openai")).identity
-    assert released == "clip-ViT-B-32-openai"
+    assert released == "clip-ViT-B-32-openai-t1"  # t1: the preprocessing (ClipConfig.recipe)
+    faster = {ClipScorer(ClipConfig(model="ViT-B-32", pretrained="openai", **opt)).identity
+              for opt in ({"image_size": 112}, {"int8": True}, {"image_size": 112, "int8": True})}
+    assert len(faster | {released}) == 4  # each approximation: its own cache entries, version, learned examples
     weights.unlink()  # missing: named, and not remembered as if it had no file
     scorer = make()
-    assert scorer.identity == "clip-clip-shapes-clip-shapes"
+    assert scorer.identity == "clip-clip-shapes-clip-shapes-t1"
     shutil.copy(MODELS / "clip-shapes.pt", weights)
     assert scorer.identity == first
+
+
+def test_tensor_preprocessing_gives_open_clips_embeddings_up_to_float_error():
+    """``tensor_batch`` (no PIL image per crop) against open_clip's own transform, on crops of many
+    sizes: inputs within two grey levels, unit embeddings within 1e-3 (float16 storage keeps ~1e-3)."""
+    import torch
+
+    from fastsam_backend.models.clip import ClipConfig, ClipScorer, input_geometry, pil_batch, tensor_batch
+
+    scorer = ClipScorer(ClipConfig(model=str(MODELS / "clip-shapes.json"), pretrained=str(MODELS / "clip-shapes.pt"),
+                                   device="cpu"))
+    scorer.load()
+    rng = np.random.default_rng(7)
+    crops = []
+    for side in (3, 17, 48, 49, 130, 401):
+        crop = np.full((side, side, 3), 255, np.uint8)
+        crop[side // 4 :] = rng.integers(0, 256, (side - side // 4, side, 3))
+        crops.append(crop)
+    ours, theirs = tensor_batch(crops, *input_geometry(scorer._preprocess)), pil_batch(scorer._preprocess, crops)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 2 / 255 / 0.26
+    with torch.inference_mode():
+        a, b = scorer._encode_crops(ours).astype(np.float32), scorer._encode_crops(theirs).astype(np.float32)
+    assert np.abs(a - b).max() < 1e-3
+
+
+def test_opt_in_lower_resolution_and_int8_load_and_embed_the_fixture():
+    from fastsam_backend.models.clip import ClipConfig, ClipScorer
+
+    scene = generate_scene(SEEDS[4])
+    found = None
+    for opt in ({"image_size": 32}, {"int8": True}):
+        scorer = ClipScorer(ClipConfig(model=str(MODELS / "clip-shapes.json"),
+                                       pretrained=str(MODELS / "clip-shapes.pt"), device="cpu", **opt))
+        from fastsam_backend.quality.fake import GroundTruthSegmenter
+
+        found = found or GroundTruthSegmenter([scene]).segment(scene.image)
+        emb = scorer.embed_masks(scene.image, found).astype(np.float32)
+        assert emb.shape[0] == len(found) and np.allclose(np.linalg.norm(emb[emb.any(axis=1)], axis=1), 1, atol=1e-2)

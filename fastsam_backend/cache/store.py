@@ -6,7 +6,10 @@ Three kinds of entry, each behind a small typed method:
   nothing; LS upload/local-files URLs never change content);
 - ``masks:v<schema>:<model>:<params digest>:<image digest>`` → the image's ``MaskSet``;
 - ``emb:v<schema>:<model>:<params digest>:<image digest>`` → ``(N, D)`` CLIP crop embeddings
-  of those masks (``model`` names the segmenter and CLIP both).
+  of those masks and the ``(N,)`` rows it holds (``model`` names the segmenter, CLIP and the
+  entry version ``EMBEDDINGS_VERSION``). Rows are embedded when first asked for (pre-annotation
+  asks for the instances it keeps, a text prompt for its candidates), merged into the entry; a
+  row not held is zero and is embedded by the next caller that asks for it.
 
 Reads go, in order: a small in-process LRU of decoded entries, the byte cache, or ``compute()``
 -- run once per key across threads of this process (single-flight) and, with Redis, at most
@@ -56,15 +59,34 @@ class EntryKind(Generic[T]):
     decode: Callable[[bytes], T]  # raises CorruptEntry
 
 
+@dataclass(frozen=True)
+class Embeddings:
+    """An image's cached crop embeddings: ``vectors`` ``(N, D)`` aligned with its ``MaskSet``'s
+    rows, ``held`` ``(N,)`` bool the rows embedded so far (a held row may be zero: a mask too
+    small to score); rows not held are zero."""
+
+    vectors: np.ndarray
+    held: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or self.held.shape != (self.vectors.shape[0],):
+            raise CorruptEntry(f"embeddings {self.vectors.shape} and held rows {self.held.shape} disagree")
+
+
+def _encode_embeddings(emb: Embeddings) -> bytes:
+    return encode_arrays({"clip": emb.vectors, "held": np.asarray(emb.held, dtype=bool)})
+
+
+def _decode_embeddings(data: bytes) -> Embeddings:
+    arrays = decode_arrays(data)
+    if set(arrays) != {"clip", "held"} or arrays["held"].dtype != np.bool_:
+        raise CorruptEntry(f"expected arrays 'clip' and bool 'held', got {sorted(arrays)}")
+    return Embeddings(arrays["clip"], arrays["held"])
+
+
 MASKS: EntryKind[MaskSet] = EntryKind("masks", encode_maskset, decode_maskset)
-EMBEDDINGS: EntryKind[np.ndarray] = EntryKind(
-    "emb", lambda arr: encode_arrays({"clip": arr}), lambda data: _only(decode_arrays(data), "clip"))
-
-
-def _only(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
-    if set(arrays) != {name}:
-        raise CorruptEntry(f"expected one array {name!r}, got {sorted(arrays)}")
-    return arrays[name]
+EMBEDDINGS: EntryKind[Embeddings] = EntryKind("emb", _encode_embeddings, _decode_embeddings)
+EMBEDDINGS_VERSION = 2  # 2: the entry says which rows it holds (1 held every row)
 
 
 def cache_key(image_digest: str, model_id: str, params: Mapping[str, object], kind: str = MASKS.prefix) -> str:
@@ -158,6 +180,7 @@ class MaskStore:
         self._locking = cache if isinstance(cache, LockingCache) else None
         self._memory: OrderedDict[str, Any] = OrderedDict()
         self._inflight: dict[str, Future] = {}
+        self._key_locks: dict[str, threading.Lock] = {}
         self._corrupt_seen: set[str] = set()
         self._mu = threading.Lock()
         self._counts = {"memory_hits": 0, "cache_hits": 0, "computes": 0, "coalesced": 0, "corrupt": 0,
@@ -199,10 +222,68 @@ class MaskStore:
         """``(masks, was_hit)``: cached, or computed once (see ``get_or_compute``)."""
         return self.get_or_compute(cache_key(image.digest, image.model_id, image.params), compute, MASKS)
 
-    def embeddings(self, image: ImageKey, clip_id: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
-        """``(N, D)`` CLIP embeddings of the image's mask crops, cached beside its masks."""
-        key = cache_key(image.digest, f"{image.model_id}|{clip_id}", image.params, EMBEDDINGS.prefix)
-        return self.get_or_compute(key, compute, EMBEDDINGS)[0]
+    def embeddings(self, image: ImageKey, clip_id: str, n: int, rows: np.ndarray,
+                   compute: Callable[[np.ndarray], np.ndarray]) -> Embeddings:
+        """The image's cached crop embeddings holding at least ``rows`` (indices into its ``n``
+        masks): the rows missing from the entry are ``compute(missing)``-ed (``(len(missing), D)``),
+        merged in and stored back.
+
+        One caller per entry at a time in this process (the others wait, then find their rows);
+        across processes the store's lock is taken best-effort, and a merge re-reads the entry
+        just before writing it, so a race can at worst drop rows another process added meanwhile
+        (they are embedded again when asked for), never mix rows of different images or models.
+        """
+        key = cache_key(image.digest, f"{image.model_id}|{clip_id}|e{EMBEDDINGS_VERSION}", image.params,
+                        EMBEDDINGS.prefix)
+        rows = np.unique(np.asarray(rows, dtype=np.int64).reshape(-1))
+        if rows.size and (rows[0] < 0 or rows[-1] >= n):
+            raise IndexError(f"rows {rows[0]}..{rows[-1]} outside the image's {n} masks")
+        with self._key_lock(key):
+            entry = self._fitting(self.peek(key, EMBEDDINGS), n)
+            if entry is not None and entry.held[rows].all():
+                return entry
+            if (stored := self._fitting(self._load(key, EMBEDDINGS), n)) is not None:  # rows another replica added
+                entry = stored
+                if entry.held[rows].all():
+                    return self._remember(key, entry, True)[0]
+            token = None
+            if self._locking is not None:
+                token, found = self._lock_or_wait(key, EMBEDDINGS)
+                entry = self._fitting(found, n) or entry
+            try:
+                held = entry.held if entry is not None else np.zeros(n, dtype=bool)
+                missing = rows[~held[rows]]
+                if not missing.size:
+                    return self._remember(key, entry, True)[0]
+                new = np.asarray(compute(missing))
+                latest = self._fitting(self._load(key, EMBEDDINGS), n) or entry  # rows others stored meanwhile
+                if latest is not None and latest.vectors.shape[1] == new.shape[1]:
+                    vectors, held = latest.vectors.copy(), latest.held.copy()
+                else:
+                    vectors, held = np.zeros((n, new.shape[1]), dtype=new.dtype), np.zeros(n, dtype=bool)
+                vectors[missing], held[missing] = new, True
+                vectors.flags.writeable = held.flags.writeable = False
+                value = Embeddings(vectors, held)
+                self.cache.put(key, EMBEDDINGS.encode(value))
+                with self._mu:
+                    self._counts["computes"] += 1
+                return self._remember(key, value, False)[0]
+            finally:
+                if token is not None:
+                    self._locking.release(key, token)
+
+    @staticmethod
+    def _fitting(entry: Embeddings | None, n: int) -> Embeddings | None:
+        return entry if entry is not None and len(entry.held) == n else None
+
+    def _key_lock(self, key: str) -> threading.Lock:
+        with self._mu:
+            lock = self._key_locks.get(key)
+            if lock is None:
+                if len(self._key_locks) > 4096:  # bounded: locks of images long done are dropped
+                    self._key_locks = {k: v for k, v in self._key_locks.items() if v.locked()}
+                lock = self._key_locks[key] = threading.Lock()
+            return lock
 
     # ----------------------------------------------------------------- mechanism
     def get_or_compute(self, key: str, compute: Callable[[], T], kind: EntryKind[T] = MASKS) -> tuple[T, bool]:

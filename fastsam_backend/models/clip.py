@@ -38,11 +38,20 @@ class ClipConfig:
     enabled: bool = True
     min_mask_area: int = 100  # FastSAM drops masks of <= 100 px before scoring
     allow_download: bool = True  # let open_clip fetch a pretrained tag it has not cached
+    image_size: int = 0  # opt-in: run the image tower at this input side (0: the model's own)
+    int8: bool = False  # opt-in: the image tower's linear layers in dynamic int8 (CPU)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClipConfig:
         return cls(settings.open_clip_model, settings.open_clip_pretrained, settings.device,
-                   settings.clip_enabled, settings.clip_min_mask_area, settings.allow_download)
+                   settings.clip_enabled, settings.clip_min_mask_area, settings.allow_download,
+                   settings.clip_image_size, settings.clip_int8)
+
+    @property
+    def recipe(self) -> str:
+        """How crops become embeddings, beyond the weights: ``t1`` is ``tensor_batch``'s
+        preprocessing; ``r<side>`` a lower input side, ``q8`` the int8 image tower (approximations)."""
+        return "t1" + (f"-r{self.image_size}" if self.image_size else "") + ("-q8" if self.int8 else "")
 
 
 def whitened_square_crop(image: np.ndarray, masks: MaskSet, i: int) -> np.ndarray:
@@ -58,6 +67,58 @@ def whitened_square_crop(image: np.ndarray, masks: MaskSet, i: int) -> np.ndarra
     return out
 
 
+def input_geometry(preprocess: Any) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """``(side, mean, std)`` of an open_clip image transform (Resize, CenterCrop, ..., Normalize)."""
+    steps = getattr(preprocess, "transforms", [])
+    size = next(t.size for t in steps if type(t).__name__ == "Resize")
+    norm = next(t for t in steps if type(t).__name__ == "Normalize")
+    side = size if isinstance(size, int) else max(size)
+    return int(side), tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std)
+
+
+def resize_image_tower(model: Any, side: int) -> None:
+    """Run a ViT image tower at ``side`` pixels: its position embedding grid interpolated as
+    open_clip does when it loads a checkpoint at another size (bicubic, in float32)."""
+    import open_clip.model
+    import torch
+
+    visual = model.visual
+    if not hasattr(visual, "grid_size") or not hasattr(visual, "positional_embedding"):
+        raise ModelUnavailable("CLIP_IMAGE_SIZE needs a ViT image tower (its position embedding is resized)")
+    patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+    if side % patch:
+        raise ModelUnavailable(f"CLIP_IMAGE_SIZE={side} is not a multiple of the model's patch size {patch}")
+    old = visual.positional_embedding
+    state = {"visual.positional_embedding": old.detach().float()}
+    visual.image_size, visual.grid_size = (side, side), (side // patch, side // patch)
+    open_clip.model.resize_pos_embed(state, model)
+    visual.positional_embedding = torch.nn.Parameter(state["visual.positional_embedding"].to(old.dtype),
+                                                     requires_grad=False)
+
+
+def pil_batch(preprocess: Any, crops: list[np.ndarray]) -> Any:
+    """open_clip's own transform, one PIL round trip per crop (the reference ``tensor_batch`` matches)."""
+    import torch
+
+    return torch.stack([preprocess(Image.fromarray(crop)) for crop in crops])
+
+
+def tensor_batch(crops: list[np.ndarray], side: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """``(B, 3, side, side)`` float CLIP input of square uint8 crops: open_clip's transform (bicubic
+    antialiased resize of the square crop, which the centre crop then keeps whole, scaled to 0-1,
+    normalised) on uint8 tensors -- torchvision's resize kernel, which rounds to uint8 as PIL does --
+    with no PIL image per crop; the normalisation runs once on the batch. Same input up to one
+    grey level on a few pixels (``bench defaults`` reports the embeddings' difference)."""
+    import torch
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+
+    resized = [tvf.resize(torch.from_numpy(crop).permute(2, 0, 1), [side, side],
+                          interpolation=InterpolationMode.BICUBIC, antialias=True) for crop in crops]
+    batch = torch.stack(resized).float().div_(255)
+    return tvf.normalize(batch, list(mean), list(std))
+
+
 class ClipScorer:
     """Thread-safe lazy wrapper; ``identity`` names the model without loading it."""
 
@@ -65,6 +126,7 @@ class ClipScorer:
         self.config = config
         self._model: Any = None
         self._preprocess: Any = None
+        self._input: tuple[int, tuple[float, ...], tuple[float, ...]] = (224, (0.0,) * 3, (1.0,) * 3)
         self._tokenizer: Any = None
         self._device = "cpu"
         self._lock = threading.Lock()
@@ -74,15 +136,16 @@ class ClipScorer:
 
     @property
     def identity(self) -> str:
-        """Model and weights names, plus a digest of the local files among them (config .json,
-        checkpoint): crop embeddings are cached under it. Never loads the model."""
+        """Model and weights names, the embedding recipe (``ClipConfig.recipe``), plus a digest of
+        the local files among them (config .json, checkpoint): crop embeddings, ``model_version``
+        and learned examples are keyed by it, so it changes whenever embeddings do. Never loads."""
         if self._identity is None:
             cfg = self.config
             files = [Path(cfg.model)] if cfg.model.endswith(".json") else []
             files += [Path(cfg.pretrained)] if Path(cfg.pretrained).suffix else []
             model = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
             pretrained = Path(cfg.pretrained).stem if Path(cfg.pretrained).suffix else cfg.pretrained
-            name = f"clip-{model}-{pretrained}"
+            name = f"clip-{model}-{pretrained}-{cfg.recipe}"
             if not files:
                 self._identity = name  # a released tag: open_clip's files for it do not change
             elif all(p.is_file() for p in files):
@@ -178,8 +241,17 @@ class ClipScorer:
         else:
             self._device = cfg.device
         self._model = model.to(self._device).eval()
+        self._input = input_geometry(preprocess)
+        if cfg.image_size:
+            resize_image_tower(self._model, cfg.image_size)
+            self._input = (cfg.image_size, *self._input[1:])
+        if cfg.int8:
+            if self._device != "cpu":
+                raise ModelUnavailable("CLIP_INT8=true runs on a CPU only: set DEVICE=cpu or CLIP_INT8=false")
+            self._model.visual = torch.ao.quantization.quantize_dynamic(self._model.visual, {torch.nn.Linear},
+                                                                        dtype=torch.qint8)
         self._preprocess, self._tokenizer = preprocess, tokenizer
-        log.info("loaded CLIP %s (%s) on %s", name, pretrained, self._device)
+        log.info("loaded CLIP %s (%s) on %s, embeddings %s", name, pretrained, self._device, cfg.recipe)
 
     # ------------------------------------------------------------ embeddings
     def embed_masks(self, image: np.ndarray, masks: MaskSet) -> np.ndarray:
@@ -188,18 +260,23 @@ class ClipScorer:
         self.load()
         import torch
 
-        areas = masks.areas
-        keep = np.flatnonzero(areas > self.config.min_mask_area)
-        crops = [self._preprocess(Image.fromarray(whitened_square_crop(image, masks, int(i)))) for i in keep]
-        dim = self._embed_dim()
-        out = np.zeros((len(masks), dim), dtype=np.float16)
+        keep = np.flatnonzero(masks.areas > self.config.min_mask_area)
+        out = np.zeros((len(masks), self._embed_dim()), dtype=np.float16)
         with self._infer_lock, torch.inference_mode():
-            for start in range(0, len(crops), BATCH):
-                batch = torch.stack(crops[start : start + BATCH]).to(self._device)
-                features = self._model.encode_image(batch).float()
-                features = features / features.norm(dim=-1, keepdim=True)
-                out[keep[start : start + BATCH]] = features.cpu().numpy().astype(np.float16)
+            for start in range(0, len(keep), BATCH):
+                rows = keep[start : start + BATCH]
+                out[rows] = self._encode_crops(self._crops(image, masks, rows))
         return out
+
+    def _crops(self, image: np.ndarray, masks: MaskSet, rows: np.ndarray) -> Any:
+        """``(B, 3, S, S)`` CLIP input of masks ``rows``' whitened crops (``tensor_batch``)."""
+        return tensor_batch([whitened_square_crop(image, masks, int(i)) for i in rows], *self._input)
+
+    def _encode_crops(self, batch: Any) -> np.ndarray:
+        """``(B, D)`` float16 unit image embeddings of a preprocessed batch."""
+        features = self._model.encode_image(batch.to(self._device)).float()
+        features = features / features.norm(dim=-1, keepdim=True)
+        return features.cpu().numpy().astype(np.float16)
 
     def embed_texts(self, phrases: list[str]) -> np.ndarray:
         """``(T, D)`` float32 unit embeddings, each the mean over prompt templates."""

@@ -51,6 +51,7 @@ class SegmenterConfig:
     max_det: int = 300
     allow_download: bool = True
     torch_threads: int = 0  # CPU threads for inference in this process; 0 = leave torch's default
+    runtime: str = "torch"  # auto | torch | onnx: how a .pt is served on a CPU (models/runtime.py)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SegmenterConfig:
@@ -64,6 +65,7 @@ class SegmenterConfig:
             max_det=settings.max_det,
             allow_download=settings.allow_download,
             torch_threads=settings.torch_threads_per_worker(),
+            runtime=settings.fastsam_runtime,
         )
 
 
@@ -103,6 +105,7 @@ class Segmenter:
         self._load_lock = threading.Lock()
         self._infer_lock = threading.Lock()  # ultralytics predictors keep per-call state
         self._identity: str | None = None
+        self.runtime: str | None = None  # what serves once loaded: 'torch' or 'onnx'
 
     # --------------------------------------------------------------- identity
     @property
@@ -155,7 +158,9 @@ class Segmenter:
             if self._error and time.monotonic() - self._error[0] < RETRY_AFTER_S:
                 raise ModelUnavailable(self._error[1])
             try:
-                self._model, self._device = self._load_model(), self._pick_device()
+                model = self._load_model()
+                self._device = self._pick_device()
+                self._model, self.runtime = self._runtime_for(model)
                 self._error = None
             except ModelUnavailable as exc:
                 self._error = (time.monotonic(), exc.message)
@@ -208,6 +213,19 @@ class Segmenter:
                     f"IMGSZ={exported}, or export with dynamic axes (`fastsam-backend export-onnx`)")
         return model
 
+    def _runtime_for(self, model: Any) -> tuple[Any, str]:
+        """``(model, runtime)`` to serve: the ONNX Runtime export of a ``.pt`` on a CPU when
+        ``runtime`` allows it and its masks match torch's (``models/runtime.py``), else ``model``."""
+        cfg = self.config
+        path = resolve_weights(cfg.weights, cfg.model_dir)
+        if path is None or path.suffix != ".pt" or cfg.runtime == "torch" or (self.on_gpu and cfg.runtime == "auto"):
+            return model, "onnx" if path is not None and path.suffix == ".onnx" else "torch"
+        from fastsam_backend.models.runtime import serve_onnx
+
+        onnx_model = serve_onnx(cfg.runtime, path, cfg.model_dir, cfg.imgsz, model,
+                                lambda m, image: self._predict(m, [image])[0])
+        return (onnx_model, "onnx") if onnx_model is not None else (model, "torch")
+
     def export_onnx(self) -> Path:
         """Export the loaded weights to ONNX (beside them); needs ``onnx`` + ``onnxslim``.
 
@@ -227,7 +245,7 @@ class Segmenter:
         """Whether ``segment_batch`` runs one forward pass for several images: a PyTorch
         checkpoint (ONNX and other exports may have a fixed batch of one) on a GPU (on a CPU a
         batch takes as long as its images one by one, and holds them all in memory)."""
-        return self.on_gpu and Path(self.config.weights).suffix not in (".onnx", ".engine")
+        return self.on_gpu and self.runtime != "onnx" and Path(self.config.weights).suffix not in (".onnx", ".engine")
 
     # --------------------------------------------------------------- segment
     def segment(self, image: np.ndarray) -> MaskSet:
@@ -248,6 +266,9 @@ class Segmenter:
         self.load()
         if len(images) > 1 and (not self.batches or len({im.shape for im in images}) > 1):
             return [self.segment_batch([im])[0] for im in images]
+        return self._predict(self._model, images)
+
+    def _predict(self, model: Any, images: list[np.ndarray]) -> list[MaskSet]:
         import torch
 
         cfg = self.config
@@ -256,7 +277,7 @@ class Segmenter:
         # on a GPU ultralytics' few large upsampling kernels are faster (H200: 4 ms against 40 ms).
         on_cpu = not self.on_gpu
         with self._infer_lock, torch.inference_mode():
-            results = self._model.predict(
+            results = model.predict(
                 bgr if len(bgr) > 1 else bgr[0],
                 predictor=box_mask_predictor() if on_cpu else None,
                 retina_masks=not on_cpu,

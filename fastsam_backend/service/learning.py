@@ -135,7 +135,7 @@ class Learner:
     def choose(self, found: ImageMasks, order: list[int], tag: OutputTag, options: ProjectOptions,
                model: LabelModel) -> LabelChoice:
         """Labels of the instances ``order``: learned labels by prototype, the others zero-shot."""
-        embeddings = self.service.crop_embeddings(found)[order].astype(np.float32)
+        embeddings = self.service.crop_embeddings(found, order)[order].astype(np.float32)
         rest = tuple(lab for lab in tag.labels if lab not in model.learned(tag.labels))
         zero = text = None
         if not rest:
@@ -157,7 +157,7 @@ class Learner:
             return None
         i = max(indices, key=lambda k: int(found.masks.areas[k]))
         geometry = mask_geometry(found.masks, [i]) if model.geometry is not None else None  # one instance
-        choice = choose_learned(model, self.service.crop_embeddings(found)[[i]].astype(np.float32), labels, None,
+        choice = choose_learned(model, self.service.crop_embeddings(found, [i])[[i]].astype(np.float32), labels, None,
                                 min_similarity=self.config.min_similarity, default_label=None, geometry=geometry)
         return choice.labels[0]
 
@@ -220,11 +220,12 @@ class Learner:
         if not isinstance(url, str) or not url:
             raise BackendError(f"task {ann.task_id} has no data.{image_key} (the image URL)", status=400)
         found = self.service.masks_for(ImageRef.of(url, ann.task_id))
-        embeddings = self.service.crop_embeddings(found)
+        regions = [_at_size(region, found.masks.image_size) for region in ann.regions]
+        matches = [match_instance(found.masks, region) for region in regions]
+        embeddings = self.service.crop_embeddings(  # only the instances the regions matched
+            found, [i for i, iou in matches if i >= 0 and iou >= self.config.match_iou])
         examples = []
-        for region in ann.regions:
-            region = _at_size(region, found.masks.image_size)
-            i, iou = match_instance(found.masks, region)
+        for region, (i, iou) in zip(regions, matches):
             if i >= 0 and iou >= self.config.match_iou and embeddings[i].any():
                 vec, geo = embeddings[i].astype(np.float32), mask_geometry(found.masks, [i])[0]
                 counts["matched"] += 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,17 +341,26 @@ class FastSAMService:
         key = ImageKey(digest, self.segmenter.identity, self.settings.inference_params())
         return key if self.store.has_masks(key) else None
 
-    def crop_embeddings(self, found: ImageMasks) -> np.ndarray:
-        """``(N, D)`` CLIP embeddings of the masks' crops, cached beside the masks."""
-        clip = self.models.require_clip()
+    def crop_embeddings(self, found: ImageMasks, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``(N, D)`` CLIP embeddings of the masks' crops, aligned with ``found.masks``' rows and
+        cached beside the masks; all-zero rows never win (masks of ``CLIP_MIN_MASK_AREA`` pixels
+        or fewer, and rows not asked for).
 
-        def compute() -> np.ndarray:
+        ``rows`` (indices) asks for those rows only -- what a caller can answer from -- and embeds
+        only the ones the cache does not hold yet; None asks for every row. Callers read the rows
+        they asked for; other rows hold whatever earlier callers asked for, or zero.
+        """
+        clip = self.models.require_clip()
+        n = len(found.masks)
+        wanted = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+
+        def compute(missing: np.ndarray) -> np.ndarray:
             if found.deadline is not None:
                 found.deadline.check("embedding the masks' crops with CLIP")
             found.image = found.image or self.images.load(found.ref)
-            return clip.embed_masks(found.image.pixels, found.masks)
+            return clip.embed_masks(found.image.pixels, found.masks[missing])
 
-        return self.store.embeddings(found.key, clip.identity, compute)
+        return self.store.embeddings(found.key, clip.identity, n, wanted, compute).vectors
 
     def phrase_embeddings(self, phrases: tuple[str, ...]) -> np.ndarray:
         """Text embeddings, memoised per process (labels repeat on every task)."""
@@ -405,11 +414,11 @@ class FastSAMService:
         masks = found.masks
         if len(masks) == 0:
             return None
-        embeddings = self.crop_embeddings(found).astype(np.float32)
-        sims = embeddings @ self.phrase_embeddings((text,))[0]
-        sims[~embeddings.any(axis=1)] = -np.inf  # too small to score
         h, w = masks.image_size
         candidates = text_candidates(masks, [box.in_pixels(w, h) for box in prompts.boxes], points, positive)
+        embeddings = self.crop_embeddings(found, np.flatnonzero(candidates)).astype(np.float32)
+        sims = embeddings @ self.phrase_embeddings((text,))[0]
+        sims[~embeddings.any(axis=1)] = -np.inf  # too small to score, or not a candidate (never embedded)
         return select_by_text_prompt(masks, sims, candidates, several=names_several(text), margin=options.text_margin)
 
 

@@ -63,5 +63,6 @@ def instance_labels(service: FastSAMService, found: ImageMasks, order: list[int]
     if learned is not None and learned.learned(tag.labels):  # per label: learned, else zero-shot
         return service.learner.choose(found, order, tag, options, learned)
     phrases = LabelPhrases.of(tag)
-    return choose_labels(service.crop_embeddings(found)[order], service.phrase_embeddings(phrases.phrases), phrases,
+    embeddings = service.crop_embeddings(found, order)[order]  # the kept instances only: the rest is never shown
+    return choose_labels(embeddings, service.phrase_embeddings(phrases.phrases), phrases,
                          min_similarity=options.label_min_similarity, default_label=options.default_label)
