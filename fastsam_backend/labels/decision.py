@@ -121,8 +121,8 @@ def loo_labels(model: LabelModel, labels: tuple[str, ...],
     n = len(rows)
     own_loo = sums[truth] - emb
     own_loo /= np.maximum(np.linalg.norm(own_loo, axis=1, keepdims=True), 1e-12)
-    scores = emb @ protos.T + text
-    scores[np.arange(n), truth] = np.einsum("nd,nd->n", emb, own_loo) + text[np.arange(n), truth]
+    scores = emb @ protos.T
+    scores[np.arange(n), truth] = np.einsum("nd,nd->n", emb, own_loo)
     if (geo := _loo_geometry(model, labels, rows, truth)) is not None:
         scores = scores + geo
     # Which labels are learned once the example is left out: its own only with min_examples others.
