@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-env lint docs bench quality quality-labels audit clean
+.PHONY: run test test-fast test-env lint docs bench quality quality-labels quality-labels-tasks audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -44,9 +44,13 @@ QUALITY_ENV = FASTSAM_WEIGHTS=$${FASTSAM_WEIGHTS:-tests/fixtures/models/fastsam-
 quality: $(STAMP)
 	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality $(QUALITY_ARGS)
 
-# The learned-labels table of docs/learned-labels.md (LABELS_ARGS=--dev: the development scenes)
+# The learned-labels tables of docs/learned-labels.md (LABELS_ARGS=--dev: the development scenes):
+# by examples per label, and (quality-labels-tasks) by annotated tasks
 quality-labels: $(STAMP)
 	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality-labels $(LABELS_ARGS)
+
+quality-labels-tasks: $(STAMP)
+	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality-labels --tasks $(LABELS_ARGS)
 
 # pip-audit of the pinned requirements.txt; skipped (saying why) where no vulnerability service answers
 audit: $(STAMP)

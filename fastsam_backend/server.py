@@ -116,6 +116,7 @@ def create_app(settings: Settings | None = None, service: FastSAMService | None 
                                 **state}
         if service.learner.unavailable() is None:
             body["learning"] = learning.health()  # where annotation events are learned; the last one learned here
+            body["learning"]["projects"] = service.learner.health()  # per project: learned or zero-shot, and why
         body["recent_failures"] = service.failures.health()  # why the last /predict calls failed
         if service.settings.finetune_enabled:
             body["finetune"] = service.tuned.health()  # last decisions (every project) and tuned models loaded here

@@ -118,8 +118,12 @@ class Settings(BaseSettings):
         0.5, ge=0, le=1, description="an annotated region uses the cached instance it overlaps this much"
     )
     learn_min_similarity: float = Field(
-        0.8, ge=-1, le=1, description="while some labels are not learned yet, an instance takes a learned "
-        "label only when its crop is at least this close (cosine) to that label's prototype"
+        0.8, ge=-1, le=1, description="a click or box without a label takes the learned label of its mask, while "
+        "some labels are not learned yet, only when its crop is at least this close (cosine) to that label's prototype"
+    )
+    learn_significance: float = Field(
+        0.05, gt=0, le=1, description="learned labels label a tag's instances only when, leave-one-out on the "
+        "project's examples, they beat zero-shot at this one-sided sign-test p-value; else zero-shot decides"
     )
     learn_refresh_s: float = Field(
         2.0, ge=0, description="seconds a process trusts a project's example revision without asking Redis (a "

@@ -8,7 +8,7 @@ import pytest
 
 from fastsam_backend.core.geometry import FEATURES, N_FEATURES, mask_geometry
 from fastsam_backend.core.masks import MaskSet
-from fastsam_backend.labels.label_model import Example, LabelModel, choose_learned
+from fastsam_backend.labels.label_model import Example, LabelModel, learned_label
 
 SIZE = (96, 96)
 
@@ -84,8 +84,7 @@ def test_geometry_decides_where_clip_cannot_and_is_weighted_by_leave_one_out():
     assert model.geometry is not None and model.geometry.weight > 0
     emb = np.tile(np.array([[1.0, 0.0, 0.0]], np.float32), (2, 1))
     geo = feats(disc(25), box(70, 14))
-    choice = choose_learned(model, emb, ("bar", "round"), None, min_similarity=0.0, default_label=None, geometry=geo)
-    assert choice.labels == ("round", "bar")
+    assert learned_label(model, emb, ("bar", "round"), min_similarity=0.0, geometry=geo) == ("round", "bar")
     clip_only = LabelModel.fit(_examples(4, with_geometry=False), min_examples=2)
     assert clip_only.geometry is None  # examples stored before geometry existed: CLIP alone
     assert clip_only.version_tag != model.version_tag  # the geometry model shows in model_version

@@ -25,8 +25,9 @@ from fastsam_backend.core.geometry import mask_geometry
 from fastsam_backend.core.masks import MaskSet
 from fastsam_backend.errors import BackendError, ModelUnavailable
 from fastsam_backend.images.cloud import ImageRef
+from fastsam_backend.labels.decision import Decision, decide
 from fastsam_backend.labels.example_store import AnnotationExamples, ExampleStore, store_errors
-from fastsam_backend.labels.label_model import Example, LabelModel, choose_learned, label_scores
+from fastsam_backend.labels.label_model import Example, LabelModel, label_scores, learned_label, refine_zero_shot
 from fastsam_backend.labels.zero_shot import LabelChoice, LabelPhrases, choose_labels
 from fastsam_backend.ls.annotations import DELETED, AnnotatedRegion, Annotation, AnnotationEvent
 from fastsam_backend.ls.labelconfig import OutputTag, parse_label_config
@@ -43,8 +44,9 @@ class LearnConfig:
     enabled: bool = True
     min_examples: int = 3  # LEARN_MIN_EXAMPLES
     match_iou: float = 0.5  # LEARN_MATCH_IOU
-    min_similarity: float = 0.8  # LEARN_MIN_SIMILARITY
+    min_similarity: float = 0.8  # LEARN_MIN_SIMILARITY: a click's learned label, while some labels are not learned
     refresh_s: float = 2.0  # LEARN_REFRESH_S: how long a project's revision is trusted without asking the store
+    significance: float = 0.05  # LEARN_SIGNIFICANCE: learned labels decide a tag only at this sign-test p-value
 
 
 def match_instance(masks: MaskSet, region: AnnotatedRegion) -> tuple[int, float]:
@@ -132,23 +134,35 @@ class Learner:
             self._revisions.pop(project, None)
             self._forgotten += 1
 
+    def decision(self, model: LabelModel, tag: OutputTag) -> Decision:
+        """Whether the model's learned labels or zero-shot label the tag's instances (``labels.decision``),
+        memoised on the model (one revision) per tag's labels and phrases."""
+        phrases = LabelPhrases.of(tag)
+        key = (tag.labels, phrases.phrases)
+        if (known := model.decisions.get(key)) is not None:
+            return known
+        emb = np.stack([np.asarray(ex.embedding, np.float32).reshape(-1) for ex in model.examples]) \
+            if model.examples else np.zeros((0, 1), np.float32)
+        text = label_scores(emb, self.service.phrase_embeddings(phrases.phrases), phrases.owner, len(phrases.labels)) \
+            if len(emb) else np.zeros((0, len(tag.labels)), np.float32)
+        found = decide(model, tag.labels, text, alpha=self.config.significance)
+        model.decisions[key] = found
+        return found
+
     def choose(self, found: ImageMasks, order: list[int], tag: OutputTag, options: ProjectOptions,
                model: LabelModel) -> LabelChoice:
-        """Labels of the instances ``order``: learned labels by prototype, the others zero-shot."""
+        """Labels of the instances ``order``: zero-shot's, refined by the learned labels where the
+        project's examples show they beat zero-shot (``decision``); keep is always zero-shot's."""
         embeddings = self.service.crop_embeddings(found, order)[order].astype(np.float32)
-        rest = tuple(lab for lab in tag.labels if lab not in model.learned(tag.labels))
-        zero = text = None
-        if not rest:
-            every = LabelPhrases.of(tag)
-            text = label_scores(embeddings, self.service.phrase_embeddings(every.phrases), every.owner,
-                                len(every.labels))
-        else:
-            phrases = _restricted(LabelPhrases.of(tag), rest)
-            zero = choose_labels(embeddings, self.service.phrase_embeddings(phrases.phrases), phrases,
-                                 min_similarity=options.label_min_similarity, default_label=options.default_label)
+        every = LabelPhrases.of(tag)
+        phrase_emb = self.service.phrase_embeddings(every.phrases)
+        zero = choose_labels(embeddings, phrase_emb, every, min_similarity=options.label_min_similarity,
+                             default_label=options.default_label)
+        if not self.decision(model, tag).learned_decides:
+            return zero
+        text = label_scores(embeddings, phrase_emb, every.owner, len(every.labels))
         geometry = mask_geometry(found.masks, order) if model.geometry is not None else None
-        return choose_learned(model, embeddings, tag.labels, zero, min_similarity=self.config.min_similarity,
-                              default_label=options.default_label, text_scores=text, geometry=geometry)
+        return refine_zero_shot(model, embeddings, tag.labels, zero, text, geometry)
 
     def label_of_selection(self, found: ImageMasks, indices: tuple[int, ...], labels: tuple[str, ...],
                            model: LabelModel) -> str | None:
@@ -157,9 +171,23 @@ class Learner:
             return None
         i = max(indices, key=lambda k: int(found.masks.areas[k]))
         geometry = mask_geometry(found.masks, [i]) if model.geometry is not None else None  # one instance
-        choice = choose_learned(model, self.service.crop_embeddings(found, [i])[[i]].astype(np.float32), labels, None,
-                                min_similarity=self.config.min_similarity, default_label=None, geometry=geometry)
-        return choice.labels[0]
+        return learned_label(model, self.service.crop_embeddings(found)[[i]].astype(np.float32), labels,
+                             min_similarity=self.config.min_similarity, geometry=geometry)[0]
+
+    def health(self) -> dict[str, Any]:
+        """``/health``'s ``learning.projects``: per project whose model this process built, its examples
+        per label, which are learned, and per tag decided here whether learned or zero-shot labels it, and why."""
+        with self._lock:
+            models = dict(self._models)
+        out: dict[str, Any] = {}
+        for project, model in sorted(models.items()):
+            if not model.labels:
+                continue
+            out[project] = {"revision": model.revision, "min_examples": model.min_examples,
+                            "examples_per_label": {lab: model.count(lab) for lab in model.labels},
+                            "learned_labels": list(model.learned(model.labels)),
+                            "tags": {"/".join(labels): d.as_dict() for (labels, _), d in list(model.decisions.items())}}
+        return out
 
     # ------------------------------------------------------------ learning
     def learn(self, event: AnnotationEvent) -> dict[str, Any]:
@@ -202,14 +230,19 @@ class Learner:
         if counts["failed"] and not counts["annotations"]:
             raise ModelUnavailable(f"no annotation of the event could be learned from ({counts['failed']} "
                                    "failed; see the backend log)", status=503)
-        return {"learned": True, "project": project, **counts, **self._summary(project)}
+        return {"learned": True, "project": project, **counts, **self._summary(project, config_xml)}
 
-    def _summary(self, project: str) -> dict[str, Any]:
+    def _summary(self, project: str, config_xml: str | None = None) -> dict[str, Any]:
         self._forget_revision(project)  # the examples just changed here
         model = self.model_for(project)
         labels = {} if model is None else {lab: model.count(lab) for lab in model.labels}
-        return {"revision": self.store.revision(project), "examples_per_label": labels,
-                "min_examples": self.config.min_examples}
+        out = {"revision": self.store.revision(project), "examples_per_label": labels,
+               "min_examples": self.config.min_examples}
+        if model is not None and config_xml:  # decided now, so /health says who labels the project's tags
+            out["decides"] = {tag.from_name: self.decision(model, tag).as_dict()["decides"]
+                              for tag in parse_label_config(config_xml).pre_annotation_targets()
+                              if len(tag.labels) > 1 and model.learned(tag.labels)}
+        return out
 
     def _examples(self, ann: Annotation, image_key: str, counts: dict[str, int]) -> AnnotationExamples:
         clip_id = self.clip_id
@@ -243,13 +276,6 @@ class Learner:
         found.image = found.image or self.service.images.load(found.ref)
         own = MaskSet.from_dense(region.mask[None], np.ones(1, np.float32))
         return clip.embed_masks(found.image.pixels, own)[0].astype(np.float32), mask_geometry(own)[0]
-
-
-def _restricted(phrases: LabelPhrases, labels: tuple[str, ...]) -> LabelPhrases:
-    """The phrases of ``labels`` only (zero-shot among the labels not learned yet)."""
-    keep = [k for k, owner in enumerate(phrases.owner) if phrases.labels[owner] in labels]
-    owner = np.array([labels.index(phrases.labels[phrases.owner[k]]) for k in keep], np.int64)
-    return LabelPhrases(labels, tuple(phrases.phrases[k] for k in keep), owner)
 
 
 def _at_size(region: AnnotatedRegion, size: tuple[int, int]) -> AnnotatedRegion:

@@ -102,7 +102,8 @@ class FastSAMService:
         self.credentials = CredentialChecker(verify_ssl=settings.verify_ssl)
         self.learner = Learner(self, examples or MemoryExamples(), LearnConfig(  # labels from annotations
             settings.learn_enabled, settings.learn_min_examples, settings.learn_match_iou,
-            settings.learn_min_similarity, refresh_s=settings.learn_refresh_s))
+            settings.learn_min_similarity, refresh_s=settings.learn_refresh_s,
+            significance=settings.learn_significance))
         self.tuned = TunedModels(settings)  # projects' adopted fine-tuned checkpoints (finetune/tuned.py)
         self.failures = RecentFailures()  # the last /predict failures, for /health
 

@@ -1,6 +1,7 @@
 """Prompt-less pre-annotation of one image: every instance worth keeping, as regions of each
-output tag of the config, labelled by the project's label mode (zero-shot with CLIP, learned
-from the project's annotations per label, the first label, or none).
+output tag of the config, labelled by the project's label mode (zero-shot with CLIP, refined by the
+labels learned from the project's annotations where its examples show they beat zero-shot, the first
+label, or none). Learned labels never change which instances are kept.
 
 Called by ``FastSAMService.predict`` for a task without prompts (Retrieve Predictions, the
 ``preannotate`` command and its jobs); it reads the cache through the service, never HTTP.
@@ -60,7 +61,7 @@ def instance_labels(service: FastSAMService, found: ImageMasks, order: list[int]
             f"zero-shot labels for <{tag.kind} name=\"{tag.from_name}\"> need CLIP, which is unavailable "
             f"({why}); make CLIP available, or set DEFAULT_LABEL (or the project's extra_params "
             f"default_label) to label every instance with it")
-    if learned is not None and learned.learned(tag.labels):  # per label: learned, else zero-shot
+    if learned is not None and learned.learned(tag.labels):  # zero-shot, refined where learned is measurably better
         return service.learner.choose(found, order, tag, options, learned)
     phrases = LabelPhrases.of(tag)
     embeddings = service.crop_embeddings(found, order)[order]  # the kept instances only: the rest is never shown
