@@ -1,12 +1,15 @@
 """``MaskStore``: every key and every kind of cache entry, over a byte cache, with single-flight.
 
-Three kinds of entry, each behind a small typed method:
+Four kinds of entry, each behind a small typed method:
 
 - ``url:v1:<sha256(url)>`` → the image's content digest (a click on a cached image downloads
   nothing; LS upload/local-files URLs never change content);
 - ``masks:v<schema>:<model>:<params digest>:<image digest>`` → the image's ``MaskSet``;
 - ``emb:v<schema>:<model>:<params digest>:<image digest>`` → ``(N, D)`` CLIP crop embeddings
-  of those masks (``model`` names the segmenter and CLIP both).
+  of those masks (``model`` names the segmenter and CLIP both);
+- ``arr:v<schema>:<model>:<params digest>:<image digest>`` → named per-instance arrays computed
+  from the masks (and image) by a named, versioned recipe (``model`` names the segmenter and the
+  recipe), e.g. the exemplar cues (geometry and colour statistics).
 
 Reads go, in order: a small in-process LRU of decoded entries, the byte cache, or ``compute()``
 -- run once per key across threads of this process (single-flight) and, with Redis, at most
@@ -59,6 +62,8 @@ class EntryKind(Generic[T]):
 MASKS: EntryKind[MaskSet] = EntryKind("masks", encode_maskset, decode_maskset)
 EMBEDDINGS: EntryKind[np.ndarray] = EntryKind(
     "emb", lambda arr: encode_arrays({"clip": arr}), lambda data: _only(decode_arrays(data), "clip"))
+
+NAMED_ARRAYS: EntryKind[dict[str, np.ndarray]] = EntryKind("arr", encode_arrays, decode_arrays)
 
 
 def _only(arrays: dict[str, np.ndarray], name: str) -> np.ndarray:
@@ -203,6 +208,13 @@ class MaskStore:
         """``(N, D)`` CLIP embeddings of the image's mask crops, cached beside its masks."""
         key = cache_key(image.digest, f"{image.model_id}|{clip_id}", image.params, EMBEDDINGS.prefix)
         return self.get_or_compute(key, compute, EMBEDDINGS)[0]
+
+    def instance_arrays(self, image: ImageKey, recipe: str,
+                        compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Named per-instance arrays of the image's masks made by ``recipe`` (a name with its
+        version), cached beside the masks."""
+        key = cache_key(image.digest, f"{image.model_id}|{recipe}", image.params, NAMED_ARRAYS.prefix)
+        return self.get_or_compute(key, compute, NAMED_ARRAYS)[0]
 
     # ----------------------------------------------------------------- mechanism
     def get_or_compute(self, key: str, compute: Callable[[], T], kind: EntryKind[T] = MASKS) -> tuple[T, bool]:
