@@ -27,7 +27,8 @@ CONFIG = """<View>
   <BrushLabels name="mask" toName="image"><Label value="Cell"/><Label value="Debris"/></BrushLabels>
   <PolygonLabels name="poly" toName="image"><Label value="Cell"/><Label value="Debris"/></PolygonLabels>
   <KeyPointLabels name="click" toName="image" smart="true"><Label value="Cell"/><Label value="Debris"/></KeyPointLabels>
-  <RectangleLabels name="similar" toName="image" smart="true"><Label value="Cell"/><Label value="Debris"/></RectangleLabels>
+  <RectangleLabels name="similar" toName="image" smart="true">
+    <Label value="Cell"/><Label value="Debris"/></RectangleLabels>
   <KeyPointLabels name="similar_click" toName="image" smart="true"><Label value="Debris"/></KeyPointLabels>
   <KeyPointLabels name="plain" toName="image"><Label value="Cell"/></KeyPointLabels>
 </View>"""
@@ -50,7 +51,8 @@ def test_parse_context_keeps_the_tool_and_sets_exemplar_regions_apart():
     prompts = parse_context(context_from({"result": regions}), frozenset({"similar", "similar_click"}))
     assert [p.tool for p in prompts.points] == ["click"] and not prompts.boxes
     assert [b.tool for b in prompts.exemplar_boxes] == ["similar"]
-    assert [(p.tool, p.positive) for p in prompts.exemplar_points] == [("similar_click", False), ("similar_click", True)]
+    assert [(p.tool, p.positive) for p in prompts.exemplar_points] == [("similar_click", False),
+                                                                       ("similar_click", True)]
     assert prompts.has_exemplars and prompts.exemplar_label == "Cell"
     # without exemplar tools the same regions are ordinary prompts, as before
     plain = parse_context(context_from({"result": regions}))

@@ -199,10 +199,16 @@ def _overlap(masks: MaskSet, i: int, j: int) -> int:
 
 def _entangled(masks: MaskSet, i: int, others: Sequence[int]) -> bool:
     """Whether ``i`` shares ``CONTAINED`` of its own or of another's area with one of ``others``
-    (a part, a whole, a duplicate of an instance already answered)."""
+    (a part, a whole, a duplicate of an instance already answered). Only the instances whose
+    boxes meet ``i``'s are looked at pixel by pixel."""
+    if not others:
+        return False
+    idx = np.asarray(others, np.int64)
+    b, bi = masks.boxes[idx], masks.boxes[i]
+    meets = (b[:, 0] < bi[2]) & (bi[0] < b[:, 2]) & (b[:, 1] < bi[3]) & (bi[1] < b[:, 3])
     areas = masks.areas
-    for j in others:
-        shared = _overlap(masks, i, j)
+    for j in idx[meets]:
+        shared = _overlap(masks, i, int(j))
         if shared and shared >= CONTAINED * min(areas[i], areas[j]):
             return True
     return False
@@ -229,7 +235,10 @@ def match_kind(masks: MaskSet, cues: InstanceCues, positives: Sequence[int], neg
         distance[nearer_negative | np.isin(np.arange(n), negatives)] = np.inf
     candidates = np.ones(n, bool)
     candidates[positives] = False
-    for i in np.flatnonzero(candidates):
+    b, p = masks.boxes, masks.boxes[positives]
+    near = ((b[:, None, 0] < p[None, :, 2]) & (p[None, :, 0] < b[:, None, 2])
+            & (b[:, None, 1] < p[None, :, 3]) & (p[None, :, 1] < b[:, None, 3])).any(axis=1)
+    for i in np.flatnonzero(candidates & near):
         if _entangled(masks, int(i), positives):  # parts of the exemplar, the scene around it
             candidates[i] = False
     cut = split_distance(distance[candidates], cap=distance_of(min_similarity))

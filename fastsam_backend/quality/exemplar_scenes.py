@@ -138,3 +138,28 @@ def dev_seeds(n: int) -> list[int]:
 
 def heldout_seeds(n: int) -> list[int]:
     return [HELDOUT_SEED0 + i for i in range(n)]
+
+
+def crowded_kind_scene(seed: int, n: int = 100, side: int = 1024, repeats: int = 20) -> KindScene:
+    """``n`` objects on a grid of a ``side``² image, ``repeats`` of them of one kind, the rest of random
+    other kinds (the benchmark's image with "about 100" cached instances; ``bench/exemplars.py``)."""
+    rng = np.random.default_rng(seed)
+    cells = math.ceil(math.sqrt(n))
+    cell = side // cells
+    image = np.full((side, side, 3), 128, np.float32)
+    shape, colour = "star", "red"
+    kinds = [(shape, colour)] * repeats + [
+        (str(rng.choice([s for s in SHAPES if s != shape])), str(rng.choice([c for c in COLOURS if c != colour])))
+        for _ in range(n - repeats)]
+    order = rng.permutation(n)
+    objects = []
+    for slot, k in enumerate(order):
+        kind_shape, kind_colour = kinds[k]
+        crop = _shape_mask(rng, kind_shape, cell * rng.uniform(0.55, 0.7))
+        ch, cw = crop.shape
+        y0, x0 = (slot // cells) * cell + (cell - ch) // 2, (slot % cells) * cell + (cell - cw) // 2
+        m = np.zeros((side, side), bool)
+        m[y0:y0 + ch, x0:x0 + cw] = crop
+        image[m] = np.asarray(COLOURS[kind_colour], np.float32) + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3)
+        objects.append(KindObject(kind_shape, kind_colour, "target" if k < repeats else "other", m))
+    return KindScene(image.clip(0, 255).astype(np.uint8), tuple(objects), shape, colour)

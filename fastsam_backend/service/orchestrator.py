@@ -370,7 +370,14 @@ class FastSAMService:
                                                morphology=options.morphology))
         chosen = [s for s in selections if s is not None]
 
+        labels: dict[str, str | None] = {}  # per tag: the same for every region of the answer
+
         def label_of(tag: OutputTag) -> str | None:
+            if tag.from_name not in labels:
+                labels[tag.from_name] = pick_label(tag)
+            return labels[tag.from_name]
+
+        def pick_label(tag: OutputTag) -> str | None:
             label = (label_named_in(text, tag.labels) if text else None) or tag.match_label(
                 prompts.exemplar_label if prompts.has_exemplars else prompts.label)
             if label is None and learned is not None and chosen:  # no label on the prompt: the learned one
