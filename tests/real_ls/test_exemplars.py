@@ -94,7 +94,8 @@ def artifacts_on_failure(request, note):
 
 
 def draw_exemplar(editor, project, scene: KindScene, index: int) -> float:
-    editor.smart_tool("rectangle-tool")
+    rectangles = [n for n in project.controls if n in ("box", "similar")]  # the README's smart RectangleLabels
+    editor.smart_tool("rectangle-tool", nth=rectangles.index("similar"))
     editor.label(project.controls.index("similar"), "Orange")
     x0, y0, x1, y1 = scene.targets[index].box
     return editor.drag_image(x0 - 2, y0 - 2, x1 + 1, y1 + 1)
@@ -134,4 +135,14 @@ def test_what_the_ui_sends_on_a_second_exemplar(editor, project, scene, note):
     sent = editor.interactive_requests()[-1]["body"]["context"]["result"]
     kinds = [(r["type"], r.get("from_name")) for r in sent]
     note(f"second exemplar box without accepting the first answer: the UI sent {kinds}")
-    assert ("rectanglelabels", "similar") in kinds
+    assert kinds.count(("rectanglelabels", "similar")) >= 1
+    # and after accepting that answer: a third box
+    editor.wait(60, 0.02).until(lambda d: editor.state()["suggestions"])
+    editor.accept()
+    before = len(editor.interactive_requests())
+    draw_exemplar(editor, project, scene, 2)
+    editor.wait(60, 0.05).until(lambda d: len(editor.interactive_requests()) > before)
+    sent = editor.interactive_requests()[-1]["body"]["context"]["result"]
+    kinds = [(r["type"], r.get("from_name")) for r in sent]
+    note(f"third exemplar box after accepting the second answer: the UI sent {kinds}")
+    assert kinds.count(("rectanglelabels", "similar")) >= 1
