@@ -11,6 +11,9 @@ from fastsam_backend.service.orchestrator import build_service
 
 pytestmark = pytest.mark.model  # loads a real model (torch): not in `make test-fast`
 SCENES = 8
+# Floors under what these 8 scenes measured on the 2-core development machine (2026-12-03): one box
+# 0.794 with CLIP (its 24-scene mean is 0.915: these 8 hold the harder ones), 0.858 without.
+FLOOR_ONE_BOX, FLOOR_NO_CLIP = 0.75, 0.8
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,6 @@ def tables(make_settings):
 
 
 def test_one_exemplar_box_finds_the_kind_on_held_out_scenes(tables):
-    # docs/exemplars.md: 0.915 on 24 held-out scenes; these are its first 8
     one = tables[True]["one box"]
     assert one["mean_f1"] >= FLOOR_ONE_BOX, one
     assert one["fp_same_shape"] <= 0.1 and one["fp_other"] <= 0.1, one
