@@ -11,7 +11,8 @@ cost judged is the selection's, not a network pass). Measured in the same run:
   already loaded), and the geometry and colour alone;
 - warm exemplar boxes: everything cached. Target: p50 and p95 ≤ 2× the warm click's. A click
   answers one region and an exemplar box 20: ``ratio_p50_per_region`` compares the exemplar with
-  the 20 clicks it replaces.
+  the 20 clicks it replaces, and ``selection_only`` the selections without building regions (the
+  exemplar's: its box's instance, the cached cues, the similarity and cut, 20 dense masks).
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def _body(regions: list[dict], config: str) -> bytes:
 
 def run(ctx: Context) -> dict[str, Any]:
     from fastsam_backend.core.exemplars import instance_cues
+    from fastsam_backend.core.selection import select_by_points
+    from fastsam_backend.ls.labelconfig import parse_label_config
+    from fastsam_backend.ls.prompts import parse_context
     from fastsam_backend.ls.protocol import decode_predict
     from fastsam_backend.quality import lsrequests
     from fastsam_backend.quality.exemplar_eval import LABEL_CONFIG
     from fastsam_backend.quality.exemplar_scenes import crowded_kind_scene
     from fastsam_backend.quality.fake import GroundTruthSegmenter
+    from fastsam_backend.service.exemplars import select_exemplars
     from fastsam_backend.service.orchestrator import build_service
     from fastsam_backend.settings import load_settings
 
@@ -95,14 +100,33 @@ def run(ctx: Context) -> dict[str, Any]:
         answer(exemplar_bodies[k % len(exemplar_bodies)])
         clicks.append(t1 - t0)
         exemplars.append(time.perf_counter() - t1)
+    # the selection alone (no regions built): the exemplar's own work vs a click's
+    found = service.masks_for("/data/local-files/?d=exemplars.png")
+    options = service.options_for(None)
+    config = parse_label_config(config)
+    tools = config.exemplar_tools(options.exemplar_tags)
+    box_prompts = [parse_context(decode_predict(b).context, tools) for b in exemplar_bodies]
+    click_prompts = [parse_context(decode_predict(b).context, tools) for b in click_bodies]
+    pick_clicks, pick_exemplars = [], []
+    for k in range(reps):
+        pts = click_prompts[k].points
+        t0 = time.perf_counter()
+        select_by_points(masks, np.array([p.in_pixels(w, h) for p in pts]), np.array([p.positive for p in pts]),
+                         rule=options.point_rule, morphology=options.morphology)
+        t1 = time.perf_counter()
+        select_exemplars(service, found, box_prompts[k % len(box_prompts)], options)
+        pick_clicks.append(t1 - t0)
+        pick_exemplars.append(time.perf_counter() - t1)
     click, exemplar = stats_ms(clicks), stats_ms(exemplars)
+    selection = {"click": stats_ms(pick_clicks), "exemplar": stats_ms(pick_exemplars)}
+    selection["ratio_p50"] = round(selection["exemplar"]["p50_ms"] / selection["click"]["p50_ms"], 2)
     p50 = round(exemplar["p50_ms"] / click["p50_ms"], 2)
     p95 = round(exemplar["p95_ms"] / click["p95_ms"], 2)
     regions = len(first_regions)
     return {"instances": len(scene.objects), "answered_regions": regions, "kind_instances": len(targets),
             "clip": clip, "warm_click": click, "warm_exemplar": exemplar,
             "first_exemplar_ms": round(1000 * first_s, 1), "geometry_and_colour_ms": round(1000 * cues_s, 1),
-            "ratio_p50": p50, "ratio_p95": p95, "target": RATIO_TARGET,
+            "ratio_p50": p50, "ratio_p95": p95, "target": RATIO_TARGET, "selection_only": selection,
             # a click answers one region, an exemplar ``regions``: each costs an RLE and a dense mask
             "ratio_p50_per_region": round(p50 / max(regions, 1), 3),
             "headline": {"name": "warm exemplar box (20 regions) / warm click (1 region), p50, 100 cached instances",
