@@ -1,9 +1,10 @@
 """Section — exemplar prompts (issue #26): answering "every object like this one" vs a warm click.
 
-In-process (``FastSAMService.predict`` on the JSON body bytes, the answer serialised as the server
-would), on a 1024² image with 100 cached instances (20 of one kind: 20 regions answered), the
-image read from ``LOCAL_FILES_DOCUMENT_ROOT``, the masks those of ``GroundTruthSegmenter`` (the
-cost judged is the selection's, not a network pass). Measured in the same run:
+In-process, through the Flask app's test client (``/predict``: the server's body decoding, the
+service, the orjson answer; no sockets, no gunicorn), on a 1024² image with 100 cached instances
+(20 of one kind: 20 regions answered), the image read from ``LOCAL_FILES_DOCUMENT_ROOT``, the
+masks those of ``GroundTruthSegmenter`` (the cost judged is the selection's, not a network pass).
+Measured in the same run:
 
 - a warm click (an ordinary smart keypoint on an instance) — the reference;
 - the first exemplar box on the image: masks cached, its instance cues and CLIP embeddings not
@@ -45,6 +46,7 @@ def run(ctx: Context) -> dict[str, Any]:
     from fastsam_backend.quality.exemplar_eval import LABEL_CONFIG
     from fastsam_backend.quality.exemplar_scenes import crowded_kind_scene
     from fastsam_backend.quality.fake import GroundTruthSegmenter
+    from fastsam_backend.server import create_app
     from fastsam_backend.service.exemplars import select_exemplars
     from fastsam_backend.service.orchestrator import build_service
     from fastsam_backend.settings import load_settings
@@ -62,8 +64,12 @@ def run(ctx: Context) -> dict[str, Any]:
     rng = np.random.default_rng(11)
     reps = max(20, ctx.mode.warm_clicks // 3)
 
+    http = create_app(settings, service).test_client()  # the server's own decoding and orjson answer
+
     def answer(body: bytes) -> int:
-        return len(json.dumps(service.predict(decode_predict(body))[0]["result"]))
+        response = http.post("/predict", data=body, content_type="application/json")
+        assert response.status_code == 200, response.get_data(as_text=True)[:300]
+        return len(response.get_data())
 
     # the evaluation's config plus an ordinary smart keypoint tool: both prompts parse the same XML
     config = LABEL_CONFIG.replace("<TextArea", '<KeyPointLabels name="kp" toName="image" smart="true">'
