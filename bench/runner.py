@@ -18,7 +18,8 @@ from .common import MODES, Context, machine
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 SECTIONS = ("cold", "warm", "rle", "cache", "throughput", "onnx", "queue", "load", "burst",
             "mobilesam", "int8", "clicks",  # issue #16: MobileSAM peer, int8 path, clicks under concurrency
-            "defaults")  # issue #25: the default architectures with CLIP
+            "defaults",  # issue #25: the default architectures with CLIP
+            "exemplars")  # issue #26: an exemplar prompt's answer vs a warm click
 
 
 def _section(name: str) -> Callable[[Context], dict[str, Any]]:

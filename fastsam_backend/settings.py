@@ -97,6 +97,16 @@ class Settings(BaseSettings):
         0.02, ge=0, description="'all red circles': every mask within this cosine margin of the best"
     )
 
+    # --- exemplar prompts (issue #26: one object marked -> every object of its kind) ---
+    exemplar_tags: str = Field(
+        "similar", pattern=r"^[^<>\"]*$",
+        description="comma-separated names of smart KeyPointLabels/RectangleLabels tags that are exemplar tools"
+    )
+    exemplar_min_similarity: float = Field(
+        0.3, ge=0, le=1, description="an instance below this similarity to the exemplar(s) is never answered; "
+        "above it, the image's own look-alikes decide the cut (docs/exemplars.md)"
+    )
+
     # --- pre-annotation (no context) ------------------------------------------
     preannotate_min_area: float = Field(
         0.0005, ge=0, description="drop instances smaller than this fraction of the image"

@@ -28,7 +28,7 @@ def test_captured_interactive_request_parses():
     captured = {"requests": captured_requests()}
     body = next(r["body"] for r in captured["requests"] if r["path"] == "/predict" and r["body"]["params"]["context"])
     prompts = parse(body["params"]["context"])
-    assert prompts.points == (PointPrompt(50.0, 50.0, True, "Banana"),)
+    assert prompts.points == (PointPrompt(50.0, 50.0, True, "Banana", tool="tag2"),)
     assert prompts.points[0].in_pixels(320, 240) == (160, 120)
     assert prompts.label == "Banana"
 

@@ -1,6 +1,6 @@
 """``MaskStore``: every key and every kind of cache entry, over a byte cache, with single-flight.
 
-Three kinds of entry, each behind a small typed method:
+Four kinds of entry, each behind a small typed method:
 
 - ``url:v1:<sha256(url)>`` → the image's content digest (a click on a cached image downloads
   nothing; LS upload/local-files URLs never change content);
@@ -9,7 +9,10 @@ Three kinds of entry, each behind a small typed method:
   of those masks and the ``(N,)`` rows it holds (``model`` names the segmenter, CLIP and the
   entry version ``EMBEDDINGS_VERSION``). Rows are embedded when first asked for (pre-annotation
   asks for the instances it keeps, a text prompt for its candidates), merged into the entry; a
-  row not held is zero and is embedded by the next caller that asks for it.
+  row not held is zero and is embedded by the next caller that asks for it;
+- ``arr:v<schema>:<model>:<params digest>:<image digest>`` → named per-instance arrays computed
+  from the masks (and image) by a named, versioned recipe (``model`` names the segmenter and the
+  recipe), e.g. the exemplar cues (geometry and colour statistics).
 
 Reads go, in order: a small in-process LRU of decoded entries, the byte cache, or ``compute()``
 -- run once per key across threads of this process (single-flight) and, with Redis, at most
@@ -87,6 +90,7 @@ def _decode_embeddings(data: bytes) -> Embeddings:
 MASKS: EntryKind[MaskSet] = EntryKind("masks", encode_maskset, decode_maskset)
 EMBEDDINGS: EntryKind[Embeddings] = EntryKind("emb", _encode_embeddings, _decode_embeddings)
 EMBEDDINGS_VERSION = 2  # 2: the entry says which rows it holds (1 held every row)
+NAMED_ARRAYS: EntryKind[dict[str, np.ndarray]] = EntryKind("arr", encode_arrays, decode_arrays)
 
 
 def cache_key(image_digest: str, model_id: str, params: Mapping[str, object], kind: str = MASKS.prefix) -> str:
@@ -284,6 +288,13 @@ class MaskStore:
                     self._key_locks = {k: v for k, v in self._key_locks.items() if v.locked()}
                 lock = self._key_locks[key] = threading.Lock()
             return lock
+
+    def instance_arrays(self, image: ImageKey, recipe: str,
+                        compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Named per-instance arrays of the image's masks made by ``recipe`` (a name with its
+        version), cached beside the masks."""
+        key = cache_key(image.digest, f"{image.model_id}|{recipe}", image.params, NAMED_ARRAYS.prefix)
+        return self.get_or_compute(key, compute, NAMED_ARRAYS)[0]
 
     # ----------------------------------------------------------------- mechanism
     def get_or_compute(self, key: str, compute: Callable[[], T], kind: EntryKind[T] = MASKS) -> tuple[T, bool]:

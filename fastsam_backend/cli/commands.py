@@ -13,6 +13,7 @@ import tempfile
 
 import click
 
+from fastsam_backend.cli.exemplars import quality_exemplars
 from fastsam_backend.cli.int8 import compare_int8
 from fastsam_backend.cli.jobs import preannotate, warm, worker
 from fastsam_backend.cli.learn import quality_labels
@@ -191,7 +192,7 @@ def _child_exit(server, worker) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-for _command in (worker, warm, preannotate, compare_int8, quality_labels, train):
+for _command in (worker, warm, preannotate, compare_int8, quality_labels, quality_exemplars, train):
     main.add_command(_command)
 
 if __name__ == "__main__":

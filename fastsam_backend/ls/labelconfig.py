@@ -13,6 +13,9 @@ from functools import lru_cache
 from fastsam_backend.errors import BadRequest
 
 OUTPUT_KINDS = ("brushlabels", "polygonlabels", "rectanglelabels")
+# Smart tags the annotator prompts with. A smart RectangleLabels is also an output kind (where
+# pre-annotation never writes); a KeyPointLabels only ever prompts, so it is a tool and no output.
+TOOL_KINDS = ("keypointlabels", "rectanglelabels")
 IMAGE_TAGS = {"image"}
 
 
@@ -40,6 +43,7 @@ class LabelConfig:
     image_name: str  # the <Image name=..>
     image_key: str  # task.data key of the image ("image" for value="$image")
     outputs: tuple[OutputTag, ...]
+    tools: tuple[OutputTag, ...] = ()  # smart KeyPointLabels / RectangleLabels bound to the image
 
     @property
     def brush(self) -> OutputTag | None:
@@ -48,6 +52,12 @@ class LabelConfig:
     @property
     def polygon(self) -> OutputTag | None:
         return next((o for o in self.outputs if o.kind == "polygonlabels"), None)
+
+    def exemplar_tools(self, names: tuple[str, ...]) -> frozenset[str]:
+        """The ``from_name`` of each smart tool named in ``names`` (``EXEMPLAR_TAGS``): regions drawn
+        with them are exemplars. A name of no smart tool (a brush tag, a typo) marks nothing."""
+        wanted = set(names)
+        return frozenset(t.from_name for t in self.tools if t.from_name in wanted)
 
     def pre_annotation_targets(self) -> tuple[OutputTag, ...]:
         """Output tags for prompt-less pre-annotation: every non-smart labels tag (a smart
@@ -82,10 +92,10 @@ def parse_label_config(xml: str) -> LabelConfig:
     value = image.get("value") or "$image"
     image_key = value[1:] if value.startswith("$") else value
 
-    outputs = []
+    outputs, tools = [], []
     for el in root.iter():
         kind = el.tag.lower()
-        if kind not in OUTPUT_KINDS:
+        if kind not in OUTPUT_KINDS and kind not in TOOL_KINDS:
             continue
         to_name = el.get("toName") or ""
         if image_name not in to_name.split(","):
@@ -100,18 +110,20 @@ def parse_label_config(xml: str) -> LabelConfig:
             labels.append(name)
             extra = label.get("predicted_values") or ""
             synonyms[name] = tuple(s.strip() for s in extra.split(",") if s.strip())
-        outputs.append(
-            OutputTag(
-                kind=kind,
-                from_name=el.get("name") or kind,
-                to_name=image_name,
-                labels=tuple(labels),
-                smart=_truthy(el.get("smart")) or _truthy(el.get("smartOnly")),
-                synonyms=synonyms,
-            )
+        tag = OutputTag(
+            kind=kind,
+            from_name=el.get("name") or kind,
+            to_name=image_name,
+            labels=tuple(labels),
+            smart=_truthy(el.get("smart")) or _truthy(el.get("smartOnly")),
+            synonyms=synonyms,
         )
+        if kind in OUTPUT_KINDS:
+            outputs.append(tag)
+        if kind in TOOL_KINDS and tag.smart:
+            tools.append(tag)
     if not outputs:
         raise BadRequest(
             f"label_config has no BrushLabels, PolygonLabels or RectangleLabels tag with toName=\"{image_name}\""
         )
-    return LabelConfig(image_name, image_key, tuple(outputs))
+    return LabelConfig(image_name, image_key, tuple(outputs), tuple(tools))

@@ -4,6 +4,11 @@ Coordinates in LS regions are percent of the image; prompts keep percent and tur
 into pixels only against the decoded image's real size (``in_pixels``), so a
 region whose ``original_width`` disagrees with the file still lands right.
 
+Each click and box keeps the tool (``from_name``) it was drawn with. Those drawn with an exemplar
+tool (``EXEMPLAR_TAGS``, see ``LabelConfig.exemplar_tools``) are kept apart, as ``exemplar_points``
+and ``exemplar_boxes``: they mark objects of the kind wanted (a negative click: a kind not wanted),
+not the object to answer.
+
 A keypoint without ``is_positive`` (older LS, API clients) is a *positive* click:
 that is what a plain click means in the LS UI, and Alt-click sends ``false``.
 """
@@ -31,6 +36,7 @@ class PointPrompt:
     y: float
     positive: bool = True
     label: str | None = None
+    tool: str | None = None  # the region's from_name
 
     def in_pixels(self, width: int, height: int) -> tuple[int, int]:
         """Pixel column and row, clamped into the image."""
@@ -46,6 +52,7 @@ class BoxPrompt:
     x1: float
     y1: float
     label: str | None = None
+    tool: str | None = None  # the region's from_name
 
     def in_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
         """``x0, y0, x1, y1`` pixels, clamped to the image, exclusive end, at least 1 px."""
@@ -63,14 +70,29 @@ class TextPrompt:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Everything the annotator just drew, grouped by kind."""
+    """Everything the annotator just drew, grouped by kind; exemplar-tool regions apart."""
 
     points: tuple[PointPrompt, ...] = ()
     boxes: tuple[BoxPrompt, ...] = ()
     texts: tuple[TextPrompt, ...] = ()
+    exemplar_points: tuple[PointPrompt, ...] = ()
+    exemplar_boxes: tuple[BoxPrompt, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.points or self.boxes or self.texts)
+        return bool(self.points or self.boxes or self.texts or self.exemplar_points or self.exemplar_boxes)
+
+    @property
+    def has_exemplars(self) -> bool:
+        """Whether an exemplar was marked: a box or a positive click with an exemplar tool."""
+        return bool(self.exemplar_boxes) or any(p.positive for p in self.exemplar_points)
+
+    @property
+    def exemplar_label(self) -> str | None:
+        """The label chosen on the exemplar tool (its boxes first, then its positive clicks)."""
+        for prompt in (*self.exemplar_boxes, *(p for p in self.exemplar_points if p.positive)):
+            if prompt.label:
+                return prompt.label
+        return None
 
     @property
     def label(self) -> str | None:
@@ -110,6 +132,7 @@ def _point(region: Region, where: str) -> PointPrompt:
         y=_number(value.y, f"{where}.value.y"),
         positive=True if positive is None else positive,
         label=_first(value.keypointlabels),
+        tool=region.from_name,
     )
 
 
@@ -124,7 +147,7 @@ def _box(region: Region, where: str) -> BoxPrompt:
     rotation = _number(value.rotation or 0.0, f"{where}.value.rotation")
     label = _first(value.rectanglelabels)
     if rotation % 360 == 0:
-        return BoxPrompt(x, y, x + w, y + h, label)
+        return BoxPrompt(x, y, x + w, y + h, label, region.from_name)
     # LS rotates about the top-left corner; the prompt is the rotated box's axis-aligned hull.
     # Percent units differ per axis, so rotate in pixel-proportional units of the original size.
     ow = _size_or(region.original_width, 100.0)
@@ -134,7 +157,7 @@ def _box(region: Region, where: str) -> BoxPrompt:
     corners = [(0.0, 0.0), (w * ow, 0.0), (w * ow, h * oh), (0.0, h * oh)]
     xs = [x + (cx * cos - cy * sin) / ow for cx, cy in corners]
     ys = [y + (cx * sin + cy * cos) / oh for cx, cy in corners]
-    return BoxPrompt(min(xs), min(ys), max(xs), max(ys), label)
+    return BoxPrompt(min(xs), min(ys), max(xs), max(ys), label, region.from_name)
 
 
 def _text(region: Region, where: str) -> TextPrompt | None:
@@ -149,8 +172,10 @@ def _text(region: Region, where: str) -> TextPrompt | None:
     return TextPrompt(latest) if latest else None
 
 
-def parse_context(context: Context | None) -> Prompts:
+def parse_context(context: Context | None, exemplar_tools: frozenset[str] = frozenset()) -> Prompts:
     """Typed ``params.context`` → prompts; ``None`` (batch mode) gives empty prompts.
+
+    Clicks and boxes whose ``from_name`` is in ``exemplar_tools`` become exemplar prompts.
 
     Types were checked where the body was decoded (``protocol``); what is left are the values:
     finite coordinates, non-negative sizes.
@@ -163,14 +188,17 @@ def parse_context(context: Context | None) -> Prompts:
     points: list[PointPrompt] = []
     boxes: list[BoxPrompt] = []
     texts: list[TextPrompt] = []
+    ex_points: list[PointPrompt] = []
+    ex_boxes: list[BoxPrompt] = []
     for i, region in enumerate(context.result):
         where = f"context.result[{i}]"
         kind = region.type.lower()
+        exemplar = region.from_name is not None and region.from_name in exemplar_tools
         if kind in POINT_TYPES:
-            points.append(_point(region, where))
+            (ex_points if exemplar else points).append(_point(region, where))
         elif kind in BOX_TYPES:
-            boxes.append(_box(region, where))
+            (ex_boxes if exemplar else boxes).append(_box(region, where))
         elif kind in TEXT_TYPES and (text := _text(region, where)) is not None:
             texts.append(text)
         # other tools' regions (brush strokes, choices) are not prompts
-    return Prompts(tuple(points), tuple(boxes), tuple(texts))
+    return Prompts(tuple(points), tuple(boxes), tuple(texts), tuple(ex_points), tuple(ex_boxes))

@@ -91,4 +91,8 @@ class Models:
             state["zero_shot_labels"] = f"off: {clip.error or 'CLIP cannot be loaded (see the log)'}"
         else:
             state["zero_shot_labels"] = "loading" if self.loading else "available"
+        # exemplar prompts compare CLIP crop embeddings too when CLIP works; geometry and colour always
+        off = state["zero_shot_labels"]
+        state["exemplar_cues"] = ("clip, geometry, colour" if not off.startswith("off")
+                                  else f"geometry, colour (without CLIP: {off[len('off: '):]})")
         return state

@@ -171,7 +171,7 @@ class Learner:
             return None
         i = max(indices, key=lambda k: int(found.masks.areas[k]))
         geometry = mask_geometry(found.masks, [i]) if model.geometry is not None else None  # one instance
-        return learned_label(model, self.service.crop_embeddings(found)[[i]].astype(np.float32), labels,
+        return learned_label(model, self.service.crop_embeddings(found, [i])[[i]].astype(np.float32), labels,
                              min_similarity=self.config.min_similarity, geometry=geometry)[0]
 
     def health(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from fastsam_backend.models.readiness import Models
 from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig
 from fastsam_backend.service.deadline import Deadline
 from fastsam_backend.service.failures import RecentFailures
+from fastsam_backend.service.exemplars import select_exemplars
 from fastsam_backend.service.learning import LearnConfig, Learner
 from fastsam_backend.service.options import ProjectOptions
 from fastsam_backend.service.prelabel import pre_annotate
@@ -200,7 +201,7 @@ class FastSAMService:
         tuned = self.tuned.for_project(project_id(request.project_id))
         config = parse_label_config(request.label_config or options.label_config)
         interactive = request.context is not None
-        prompts = parse_context(request.context)
+        prompts = parse_context(request.context, config.exemplar_tools(options.exemplar_tags))
         if interactive:
             answer_tags(config, options.interactive_output)  # a config with nowhere to put masks: 400 first
         if interactive or len(tasks) == 1:
@@ -386,7 +387,10 @@ class FastSAMService:
         positive = np.array([p.positive for p in prompts.points], dtype=bool)
         selections: list[Selection | None] = []
         text = " ".join(t.text for t in prompts.texts)
-        if prompts.texts:
+        if prompts.has_exemplars:  # every instance like the marked one(s); ordinary prompts with them are ignored
+            text = ""
+            selections += select_exemplars(self, found, prompts, options)
+        elif prompts.texts:
             selections.append(self._select_text(found, text, prompts, points, positive, options))
         elif prompts.boxes:
             for box in prompts.boxes:
@@ -398,8 +402,16 @@ class FastSAMService:
                                                morphology=options.morphology))
         chosen = [s for s in selections if s is not None]
 
+        labels: dict[str, str | None] = {}  # per tag: the same for every region of the answer
+
         def label_of(tag: OutputTag) -> str | None:
-            label = (label_named_in(text, tag.labels) if text else None) or tag.match_label(prompts.label)
+            if tag.from_name not in labels:
+                labels[tag.from_name] = pick_label(tag)
+            return labels[tag.from_name]
+
+        def pick_label(tag: OutputTag) -> str | None:
+            label = (label_named_in(text, tag.labels) if text else None) or tag.match_label(
+                prompts.exemplar_label if prompts.has_exemplars else prompts.label)
             if label is None and learned is not None and chosen:  # no label on the prompt: the learned one
                 label = self.learner.label_of_selection(found, chosen[0].indices, tag.labels, learned)
             return label or options.default_label or (tag.labels[0] if tag.labels else None)

@@ -73,12 +73,17 @@ class Editor:
             self.d.execute_script("arguments[0].click()", toggle)
         self.wait(10).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".lsf-toolbar button.lsf-tool_smart")))
 
-    def smart_tool(self, aria_label: str) -> None:
-        """Hover the toolbar's smart-tools button, pick ``key-point-tool`` / ``rectangle-tool``."""
+    def smart_tool(self, aria_label: str, nth: int = 0) -> None:
+        """Hover the toolbar's smart-tools button, pick ``key-point-tool`` / ``rectangle-tool``.
+        Each smart labels tag has its own tool, in config order: ``nth`` picks the tool of the
+        ``nth`` tag of that kind (the README's second RectangleLabels, ``similar``: ``nth=1``); a
+        label of another tag than the tool's deselects the tool (seen in LS 1.23.2)."""
         group = self.d.find_element(By.CSS_SELECTOR, ".lsf-toolbar button.lsf-tool_smart")
         ActionChains(self.d).move_to_element(group).perform()
-        tool = self.wait(10).until(EC.element_to_be_clickable(
-            (By.CSS_SELECTOR, f'.lsf-toolbar__smart button[aria-label="{aria_label}"]')))
+        selector = f'.lsf-toolbar__smart button[aria-label="{aria_label}"]'
+        self.wait(10).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, selector)) > nth)
+        tool = self.d.find_elements(By.CSS_SELECTOR, selector)[nth]
+        self.wait(10).until(lambda d: tool.is_displayed() and tool.is_enabled())
         tool.click()
 
     def label(self, control_index: int, value: str) -> None:

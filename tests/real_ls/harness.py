@@ -61,9 +61,13 @@ def readme_label_config() -> str:
 
 
 def tag_names(config: str) -> dict[str, str]:
-    """``{"brushlabels": name, "keypointlabels": name, "rectanglelabels": name, "textarea": name}``."""
-    return {el.tag.lower(): el.get("name", "") for el in ET.fromstring(config).iter()
-            if el.tag.lower() in {"brushlabels", "keypointlabels", "rectanglelabels", "textarea"}}
+    """``{"brushlabels": name, "keypointlabels": name, "rectanglelabels": name, "textarea": name}``: the
+    first tag of each kind (the README's ``box``, not the exemplar tool ``similar`` after it)."""
+    names: dict[str, str] = {}
+    for el in ET.fromstring(config).iter():
+        if el.tag.lower() in {"brushlabels", "keypointlabels", "rectanglelabels", "textarea"}:
+            names.setdefault(el.tag.lower(), el.get("name", ""))
+    return names
 
 
 def image_bytes(image: np.ndarray, fmt: str = "PNG", exif: bytes | None = None) -> bytes:
