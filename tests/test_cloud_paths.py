@@ -182,7 +182,7 @@ def test_learning_and_training_fetch_through_the_task(cloud_ls, make_service, mo
                                                "annotation": {"id": 5, "task": 1, "result": [brush]},
                                                "project": {"id": 1, "label_config": LABEL_CONFIG}})
     monkeypatch.setattr(type(service.learner), "clip_id", property(lambda self: "clip"))
-    monkeypatch.setattr(service, "crop_embeddings", lambda found: np.ones((len(found.masks), 4), np.float32))
+    monkeypatch.setattr(service, "crop_embeddings", lambda found, rows=None: np.ones((len(found.masks), 4), np.float32))
     service.learner._examples(event.annotations[0], "image", {"matched": 0, "own_crops": 0, "examples": 0})
     assert ImageRef(URIS[0], 1) in seen
 

@@ -45,8 +45,8 @@ from fastsam_backend.models.clip import ClipConfig, ClipScorer
 from fastsam_backend.models.readiness import Models
 from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig
 from fastsam_backend.service.deadline import Deadline
-from fastsam_backend.service.failures import RecentFailures
 from fastsam_backend.service.exemplars import select_exemplars
+from fastsam_backend.service.failures import RecentFailures
 from fastsam_backend.service.learning import LearnConfig, Learner
 from fastsam_backend.service.options import ProjectOptions
 from fastsam_backend.service.prelabel import pre_annotate
