@@ -49,7 +49,7 @@ from fastsam_backend.service.exemplars import select_exemplars
 from fastsam_backend.service.failures import RecentFailures
 from fastsam_backend.service.learning import LearnConfig, Learner
 from fastsam_backend.service.options import ProjectOptions
-from fastsam_backend.service.prelabel import pre_annotate
+from fastsam_backend.service.prelabel import preannotate_image
 from fastsam_backend.settings import InteractiveOutput, LabelMode, Settings
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ class FastSAMService:
         if prompts is not None:
             result = self._answer_prompts(found, prompts, config, options, task.id, learned)
         else:
-            result = pre_annotate(self, found, config, options, learned)
+            result = preannotate_image(self, found, config, options, learned)
         scores = [r["score"] for r in result if "score" in r]
         return {"result": result, "score": float(np.mean(scores)) if scores else 0.0,
                 "model_version": self.version_for(options, learned, tuned)}

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fastsam_backend.service.orchestrator import FastSAMService, ImageMasks
 
 
-def pre_annotate(service: FastSAMService, found: ImageMasks, config: LabelConfig, options: ProjectOptions,
+def preannotate_image(service: FastSAMService, found: ImageMasks, config: LabelConfig, options: ProjectOptions,
                  learned: LabelModel | None = None) -> list[dict]:
     """Prompt-less pre-annotation: every instance worth keeping, labelled, highest score first."""
     masks = found.masks
