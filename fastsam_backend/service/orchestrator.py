@@ -20,33 +20,24 @@ from fastsam_backend import metrics
 from fastsam_backend.cache.backends import make_cache
 from fastsam_backend.cache.store import ImageKey, MaskStore
 from fastsam_backend.core.masks import MaskSet
-from fastsam_backend.core.selection import (
-    Selection,
-    names_several,
-    select_by_box,
-    select_by_points,
-    select_by_text_prompt,
-    text_candidates,
-)
 from fastsam_backend.errors import BackendError, BadRequest, DeadlineExceeded, ModelUnavailable
 from fastsam_backend.finetune.tuned import Tuned, TunedModels
 from fastsam_backend.images.cloud import ImageRef, ImageSource
 from fastsam_backend.images.loader import ImageLoader, ImageSourceConfig, LoadedImage
 from fastsam_backend.labels.example_store import ExampleStore, MemoryExamples, make_example_store
 from fastsam_backend.labels.label_model import LabelModel
-from fastsam_backend.labels.zero_shot import label_named_in
 from fastsam_backend.ls.annotations import ANNOTATION_EVENTS, parse_event
-from fastsam_backend.ls.answers import answer_regions, answer_tags
+from fastsam_backend.ls.answers import answer_tags
 from fastsam_backend.ls.credentials import REFUSED_TOKEN_REASON, CredentialChecker
-from fastsam_backend.ls.labelconfig import LabelConfig, OutputTag, parse_label_config
+from fastsam_backend.ls.labelconfig import LabelConfig, parse_label_config
 from fastsam_backend.ls.prompts import Prompts, parse_context
 from fastsam_backend.ls.protocol import PredictRequest, SetupRequest, Task
 from fastsam_backend.models.clip import ClipConfig, ClipScorer
 from fastsam_backend.models.readiness import Models
 from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig
 from fastsam_backend.service.deadline import Deadline
-from fastsam_backend.service.exemplars import select_exemplars
 from fastsam_backend.service.failures import RecentFailures
+from fastsam_backend.service.interactive import answer_prompts
 from fastsam_backend.service.learning import LearnConfig, Learner
 from fastsam_backend.service.options import ProjectOptions
 from fastsam_backend.service.prelabel import preannotate_image
@@ -251,7 +242,7 @@ class FastSAMService:
         """``prompts`` None: pre-annotation (no context); ``learned``: the project's learned labels."""
         found = self.masks_for(task_image(task, config, index), deadline, tuned.segmenter if tuned else None)
         if prompts is not None:
-            result = self._answer_prompts(found, prompts, config, options, task.id, learned)
+            result = answer_prompts(self, found, prompts, config, options, task.id, learned)
         else:
             result = preannotate_image(self, found, config, options, learned)
         scores = [r["score"] for r in result if "score" in r]
@@ -373,67 +364,6 @@ class FastSAMService:
             with self._lock:
                 self._phrases[phrases] = found
         return found
-
-    # ------------------------------------------------------------ selection
-    def _answer_prompts(self, found: ImageMasks, prompts: Prompts, config: LabelConfig,
-                        options: ProjectOptions, task_id: Any,
-                        learned: LabelModel | None = None) -> list[dict[str, Any]]:
-        tags = answer_tags(config, options.interactive_output)
-        if not prompts:
-            return []
-        masks = found.masks
-        h, w = masks.image_size
-        points = np.array([p.in_pixels(w, h) for p in prompts.points], dtype=np.int64).reshape(-1, 2)
-        positive = np.array([p.positive for p in prompts.points], dtype=bool)
-        selections: list[Selection | None] = []
-        text = " ".join(t.text for t in prompts.texts)
-        if prompts.has_exemplars:  # every instance like the marked one(s); ordinary prompts with them are ignored
-            text = ""
-            selections += select_exemplars(self, found, prompts, options)
-        elif prompts.texts:
-            selections.append(self._select_text(found, text, prompts, points, positive, options))
-        elif prompts.boxes:
-            for box in prompts.boxes:
-                selections.append(select_by_box(masks, box.in_pixels(w, h), points, positive,
-                                                rule=options.point_rule, morphology=options.morphology,
-                                                box_rule=options.box_rule))
-        elif len(points):
-            selections.append(select_by_points(masks, points, positive, rule=options.point_rule,
-                                               morphology=options.morphology))
-        chosen = [s for s in selections if s is not None]
-
-        labels: dict[str, str | None] = {}  # per tag: the same for every region of the answer
-
-        def label_of(tag: OutputTag) -> str | None:
-            if tag.from_name not in labels:
-                labels[tag.from_name] = pick_label(tag)
-            return labels[tag.from_name]
-
-        def pick_label(tag: OutputTag) -> str | None:
-            label = (label_named_in(text, tag.labels) if text else None) or tag.match_label(
-                prompts.exemplar_label if prompts.has_exemplars else prompts.label)
-            if label is None and learned is not None and chosen:  # no label on the prompt: the learned one
-                label = self.learner.label_of_selection(found, chosen[0].indices, tag.labels, learned)
-            return label or options.default_label or (tag.labels[0] if tag.labels else None)
-
-        if len(chosen) < len(selections):
-            log.info("task %s: %d of %d prompts matched no mask (%d instances on the image; a click on "
-                     "background or an object the model did not find)", task_id,
-                     len(selections) - len(chosen), len(selections), len(masks))
-        return answer_regions(tags, chosen, label_of, options.polygon_style)
-
-    def _select_text(self, found: ImageMasks, text: str, prompts: Prompts, points: np.ndarray,
-                     positive: np.ndarray, options: ProjectOptions) -> Selection | None:
-        masks = found.masks
-        if len(masks) == 0:
-            return None
-        h, w = masks.image_size
-        candidates = text_candidates(masks, [box.in_pixels(w, h) for box in prompts.boxes], points, positive)
-        embeddings = self.crop_embeddings(found, np.flatnonzero(candidates)).astype(np.float32)
-        sims = embeddings @ self.phrase_embeddings((text,))[0]
-        sims[~embeddings.any(axis=1)] = -np.inf  # too small to score, or not a candidate (never embedded)
-        return select_by_text_prompt(masks, sims, candidates, several=names_several(text), margin=options.text_margin)
-
 
 def _task_name(task: Task, index: int) -> str:
     return f"tasks[{index}] (id {task.id})"
