@@ -170,6 +170,14 @@ class Editor:
         return [{"body": json.loads(p["request"].get("postData") or "null"),
                  "seconds": finished[rid] - p["timestamp"] if rid in finished else None} for rid, p in sent.items()]
 
+    def keep_screen(self, name: str) -> Path:
+        """The window as it is now, kept as ``artifacts/screens/<name>.png`` (the docs' pictures
+        come from these: copied into docs/img by hand, never written by a test run)."""
+        path = Path(__file__).parent / "artifacts" / "screens" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.d.save_screenshot(str(path))
+        return path
+
     def save_artifacts(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.d.save_screenshot(str(folder / "screen.png"))

@@ -147,6 +147,7 @@ def test_smart_box_drag(editor, ui_project, note):
     before = editor.suggestion_ids()
     seconds = editor.wait_suggestion(before, editor.drag_image(x0 - 2, y0 - 2, x1 + 1, y1 + 1))
     report_times(note, editor, "box", [seconds])
+    editor.keep_screen("box-suggestion")
     h, w = case.size
     assert_prompt_landed(editor, "rectanglelabels", x0 - 2, y0 - 2, w, h)
     editor.accept()

@@ -113,6 +113,7 @@ def test_one_exemplar_box_in_the_browser_shows_every_object_of_its_kind(editor, 
     sent = editor.interactive_requests()[-1]["body"]["context"]["result"]
     assert [r["from_name"] for r in sent if r["type"] == "rectanglelabels"] == ["similar"], sent
     assert len(editor.state()["suggestions"]) == want
+    editor.keep_screen("exemplar-suggestions")
     editor.accept()
     editor.submit()
     found = wait_until(lambda: project.api.json("GET", f"/api/tasks/{task}")["annotations"], 30, "the annotation")
