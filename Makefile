@@ -22,9 +22,10 @@ test: $(STAMP) test-env
 
 # The inner loop: everything but the tests that load a real model, drive a real Label Studio or
 # wait out seconds of timeouts (no torch import; two pytest-xdist workers, one per core; the time
-# on a 2-core machine is in docs/development.md). `make test` stays the whole suite.
+# on a 2-core machine is in docs/development.md; bytecode is cached even where the environment says
+# PYTHONDONTWRITEBYTECODE, or every run compiles every module again). `make test` stays the whole suite.
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not model and not real_ls and not slow" -n 2
+	PYTHONDONTWRITEBYTECODE= $(VENV)/bin/python -m pytest -m "not model and not real_ls and not slow" -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

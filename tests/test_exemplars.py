@@ -243,6 +243,7 @@ def test_health_says_what_exemplar_prompts_compare_without_clip(service):
 
 
 # ------------------------------------------------------------------ the generator
+@pytest.mark.slow  # draws every development and held-out scene
 def test_scenes_repeat_one_kind_with_each_type_of_look_alike_and_seed_ranges_are_disjoint():
     assert not set(dev_seeds(1000)) & set(heldout_seeds(1000))
     for seed in heldout_seeds(4):

@@ -25,6 +25,7 @@ def no_retries(server: OwnRedis) -> redis.Redis:
     return server.raw(socket_timeout=1, retry=Retry(NoBackoff(), 0))
 
 
+@pytest.mark.slow  # waits out a restart, a bound or retries
 def test_a_call_waits_out_a_restart_and_says_so_once(own_redis, caplog):
     caplog.set_level(logging.INFO, logger="fastsam_backend.jobs.outage")
     client = no_retries(own_redis)
@@ -43,6 +44,7 @@ def test_a_call_waits_out_a_restart_and_says_so_once(own_redis, caplog):
     assert sum(m.startswith("Redis is back after") for m in messages) == 1, messages
 
 
+@pytest.mark.slow  # waits out a restart, a bound or retries
 def test_past_the_bound_it_raises_redis_outage(own_redis):
     client = no_retries(own_redis)
     own_redis.kill()
@@ -51,6 +53,7 @@ def test_past_the_bound_it_raises_redis_outage(own_redis):
     assert err.value.what == "pinging" and err.value.seconds >= 0.5
 
 
+@pytest.mark.slow  # waits out a restart, a bound or retries
 def test_stopping_ends_the_wait_with_the_connection_error(own_redis):
     client = no_retries(own_redis)
     own_redis.kill()
@@ -61,6 +64,7 @@ def test_stopping_ends_the_wait_with_the_connection_error(own_redis):
     assert stop.is_set()
 
 
+@pytest.mark.slow  # waits out a restart, a bound or retries
 def test_a_wrong_password_is_not_an_outage():
     server = OwnRedis(password="right")
     server.start()
@@ -92,6 +96,7 @@ def test_live_workers_counts_recent_heartbeats_per_queue(own_redis):
     assert queues.live_workers(JobKind.PREANNOTATE) == 1
 
 
+@pytest.mark.slow  # waits out a restart, a bound or retries
 def test_label_studio_away_past_its_retries_ends_preannotate_with_one_line(own_redis, make_settings, monkeypatch):
     from click.testing import CliRunner
 

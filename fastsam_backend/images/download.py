@@ -19,7 +19,9 @@ environment are not used: a proxy would resolve the host itself, out of the poli
 
 from __future__ import annotations
 
+import functools
 import http.client
+import os
 import socket
 import ssl
 import threading
@@ -141,6 +143,17 @@ class _Watchdog:
         self._timer.cancel()
 
 
+@functools.lru_cache(maxsize=4)
+def _verifying_context(cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """certifi's roots (what requests used) plus the system's (``SSL_CERT_FILE``/``_DIR``: a company
+    CA), built once per process and system store: loading the roots takes ~70 ms, and a context
+    serves any number of connections and threads."""
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    context.load_verify_locations(certifi.where())
+    context.load_default_certs()  # reads SSL_CERT_FILE / SSL_CERT_DIR, the cache key
+    return context
+
+
 class Downloader:
     """Thread-safe; one per ``ImageLoader``."""
 
@@ -149,10 +162,8 @@ class Downloader:
         self.policy, self.timeout_s, self.max_bytes = policy, timeout_s, max_bytes
         self.max_redirects, self.attempts, self.verify_ssl = max_redirects, attempts, verify_ssl
         self._tls: dict = {"cert_reqs": "CERT_NONE"}
-        if verify_ssl:  # certifi's roots (what requests used) plus the system's (SSL_CERT_FILE, a company CA)
-            context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
-            context.load_verify_locations(certifi.where())
-            context.load_default_certs()
+        if verify_ssl:
+            context = _verifying_context(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
             self._tls = {"cert_reqs": "CERT_REQUIRED", "ssl_context": context}
 
     def request(self, method: str, url: str, *, headers: dict[str, str] | None = None, body: bytes | None = None,
