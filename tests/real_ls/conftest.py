@@ -83,3 +83,22 @@ def backend(label_studio, tmp_path_factory):
 def label_config() -> str:
     """The README's label config: what users paste is what is tested."""
     return readme_label_config()
+
+
+@pytest.fixture(scope="module")
+def editor(label_studio):
+    """Headless Chromium logged in to Label Studio (``browser.Editor``), one per test module."""
+    import importlib.util
+
+    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
+    if missing or importlib.util.find_spec("selenium") is None:
+        unavailable(f"{missing or 'selenium'} missing: run `make test-env` (scripts/install_test_env.sh)")
+    from .browser import Editor, start_chromium
+
+    driver = start_chromium()
+    try:
+        ed = Editor(driver, label_studio.url)
+        ed.login(label_studio.user, label_studio.password)
+        yield ed
+    finally:
+        driver.quit()

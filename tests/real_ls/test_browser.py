@@ -11,7 +11,6 @@ never asserted. On a failure the screen, the browser console and the editor stat
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +24,7 @@ from selenium.webdriver.common.keys import Keys
 from fastsam_backend.quality.evaluation import iou
 
 from .cases import UI_BOX, UI_EXIF, UI_KEYPOINT, UI_TEXTS, Case, brush_masks, check_mask
-from .harness import unavailable, wait_until
+from .harness import wait_until
 
 if TYPE_CHECKING:
     from .browser import Editor
@@ -45,22 +44,6 @@ def ui_project(label_studio, backend, label_config):
     assert ml["state"] == "CO", ml
     controls = [el.get("name") for el in ET.fromstring(label_config).iter() if el.tag.endswith("Labels")]
     return SimpleNamespace(id=pid, tasks=tasks, api=api, controls=controls)
-
-
-@pytest.fixture(scope="module")
-def editor(label_studio):
-    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
-    if missing or importlib.util.find_spec("selenium") is None:
-        unavailable(f"{missing or 'selenium'} missing: run `make test-env` (scripts/install_test_env.sh)")
-    from .browser import Editor, start_chromium
-
-    driver = start_chromium()
-    try:
-        ed = Editor(driver, label_studio.url)
-        ed.login(label_studio.user, label_studio.password)
-        yield ed
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ on which the fixture models answer one exemplar box exactly in-process.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -22,7 +21,7 @@ from fastsam_backend.quality.exemplar_eval import score
 from fastsam_backend.quality.exemplar_scenes import KindScene, dev_seeds, generate_kind_scene
 
 from .cases import brush_masks
-from .harness import image_bytes, unavailable, wait_until
+from .harness import image_bytes, wait_until
 
 SEED = dev_seeds(8)[7]  # 2_600_007: five red squares; red objects of other shapes; squares of other colours
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -65,22 +64,6 @@ def test_one_exemplar_box_through_the_api_answers_every_object_of_its_kind(proje
           f"{fp} others")
     assert (tp, fp, fn) == (len(scene.targets), 0, 0)
     assert all(r["from_name"] == "mask" and r["value"]["brushlabels"] == ["Orange"] for r in result)
-
-
-@pytest.fixture(scope="module")
-def editor(label_studio):
-    missing = [p for p in ("/usr/bin/chromium", "/usr/bin/chromedriver") if not Path(p).exists()]
-    if missing or importlib.util.find_spec("selenium") is None:
-        unavailable(f"{missing or 'selenium'} missing: run `make test-env` (scripts/install_test_env.sh)")
-    from .browser import Editor, start_chromium
-
-    driver = start_chromium()
-    try:
-        ed = Editor(driver, label_studio.url)
-        ed.login(label_studio.user, label_studio.password)
-        yield ed
-    finally:
-        driver.quit()
 
 
 @pytest.fixture(autouse=True)
