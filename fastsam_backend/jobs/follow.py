@@ -12,6 +12,10 @@ deployment meets: a Redis outage, a Redis that came back empty, no worker listen
   truth decides: ``is_done(job_id)`` (Label Studio holds the task's prediction of this
   model_version; the image is cached) ends it, else ``requeue(job_id)`` enqueues it again. Jobs are
   idempotent (a pre-annotate job skips a task that holds its prediction), so this never writes twice.
+- **Work lost after it ended**: a Redis that came back empty also took what jobs that had ended
+  before it left wrote there (a warm job's cache entries). After each outage, the jobs that ended
+  well are checked once more with ``is_done`` and those whose work is gone are enqueued again and
+  followed; ``on_end`` hears of such a job again only if its second run fails.
 - **No worker**: when no live worker is registered on the queue while jobs are open, ``notify``
   says so within ``NO_WORKER_AFTER_S``, once per spell; with ``fallback`` the run returns instead
   (``no_worker`` set) so that the caller can do the rest in its own process.
@@ -67,6 +71,37 @@ class Follower:
 
     def run(self, on_end: Callable[[JobState], None], poll_s: float = 0.5) -> list[str]:
         """Until every job ended, ``stop()`` or (with ``fallback``) no worker; the jobs still open."""
+        ended_well: list[str] = []
+        reported: set[str] = set()
+        verified_outages = 0
+
+        def ended(state: JobState) -> None:
+            if state.job_id not in reported or state.status != "finished":
+                on_end(state)
+            reported.add(state.job_id)
+            if state.status == "finished":
+                ended_well.append(state.job_id)
+
+        while True:
+            self._follow(ended, poll_s)
+            if self.open or self.stop() or self.no_worker or self.wait.outages == verified_outages:
+                return self.open
+            verified_outages = self.wait.outages
+            self.open = self._work_lost(ended_well)
+            ended_well = [j for j in ended_well if j not in self.open]
+
+    def _work_lost(self, ended_well: list[str]) -> list[str]:
+        """Jobs that ended well but whose work a Redis that came back empty took along: enqueued again."""
+        lost = [j for j in ended_well if not self.wait.call(self.is_done, j, what="checking what a restart lost")]
+        for job_id in lost:
+            log.info("job %s ended, but its work was lost (a Redis restart?): enqueued again", job_id)
+            self.wait.call(self.requeue, job_id, what="enqueueing a lost job again")
+        if lost:
+            self.requeued += len(lost)
+            self.status({"requeued": self.requeued})
+        return lost
+
+    def _follow(self, on_end: Callable[[JobState], None], poll_s: float) -> None:
         while self.open and not self.stop():
             try:
                 states = self.wait.call(self.queues.states, self.open, what="following the jobs")
@@ -95,7 +130,6 @@ class Follower:
                 break
             if self.open:
                 time.sleep(poll_s)
-        return self.open
 
     def _reconcile(self, missing: list[str], on_end: Callable[[JobState], None]) -> list[str]:
         """Missing jobs past the grace: ended (the source of truth has their work) or enqueued again."""
@@ -108,7 +142,7 @@ class Follower:
             if job_id in running:
                 continue
             del self.missing_since[job_id]
-            if self.is_done(job_id):
+            if self.wait.call(self.is_done, job_id, what="looking for lost jobs"):
                 on_end(JobState(job_id, "finished", result={"outcome": "done"}))
                 missing.remove(job_id)
             else:
