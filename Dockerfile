@@ -39,11 +39,12 @@ RUN if [ "$FETCH_WEIGHTS" = "1" ]; then \
       python -c "import open_clip, os, shutil; os.makedirs('/models/clip'); shutil.copyfile(open_clip.download_pretrained(open_clip.get_pretrained_cfg('ViT-B-32-quickgelu', 'openai'), cache_dir='/tmp/clip-fetch'), '/models/clip/openai.bin')" \
       && rm -rf /tmp/clip-fetch; fi
 ENV OPEN_CLIP_MODEL=ViT-B-32-quickgelu OPEN_CLIP_PRETRAINED=/models/clip/openai.bin
-# FASTSAM_RUNTIME=auto exports the .pt to ONNX beside it once and serves that on a CPU; compose runs
-# a read-only root, where /models cannot take it at run time, so the export (and its mask check)
-# is made here, once, for every container of this image.
+# FASTSAM_RUNTIME=auto and CLIP_RUNTIME=auto export FastSAM and CLIP's image tower to ONNX beside
+# the weights once and serve those on a CPU; compose runs a read-only root, where /models cannot
+# take them at run time, so the exports (and their checks against torch) are made here, once, for
+# every container of this image.
 RUN if [ "$FETCH_WEIGHTS" = "1" ]; then \
-      python -c "from fastsam_backend.settings import load_settings; from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig; s = Segmenter(SegmenterConfig.from_settings(load_settings())); s.load(); print('FastSAM runtime:', s.runtime)" \
+      python -c "from fastsam_backend.settings import load_settings; from fastsam_backend.models.segmenter import Segmenter, SegmenterConfig; from fastsam_backend.models.clip import ClipConfig, ClipScorer; st = load_settings(); s = Segmenter(SegmenterConfig.from_settings(st)); s.load(); c = ClipScorer(ClipConfig.from_settings(st)); c.load(); print('FastSAM runtime:', s.runtime, '- CLIP image tower:', c.runtime)" \
       && rm -rf /tmp/ultralytics; fi
 
 # /models stays writable for a download when the weights were not fetched at build time

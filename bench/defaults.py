@@ -190,7 +190,7 @@ def run(ctx: Context) -> dict[str, Any]:
     settings = service.settings
     out: dict[str, Any] = {"configuration": description, "model": built.as_dict(), "instances": len(masks),
                            "fastsam_runtime": service.segmenter.runtime, "fastsam_load_s": round(load_s, 2),
-                           "clip": exact.identity, "labels": len(LABELS),
+                           "clip": exact.identity, "clip_runtime": exact.runtime, "labels": len(LABELS),
                            "preannotate_max_instances": settings.preannotate_max_instances,
                            "clip_min_mask_area": settings.clip_min_mask_area,
                            "clip_embeddable_instances": int((masks.areas > settings.clip_min_mask_area).sum())}
@@ -212,6 +212,11 @@ def run(ctx: Context) -> dict[str, Any]:
                      **_ratios(fast, click_row["total_ms"], no_clip["total_ms"])}
     service.clip = service.models.clip = exact
     out["clip_options"] = clip_options.measure(exact, image, masks, LABELS, ctx.mode.name, int8=on_cpu)
+    before = out["clip_before_issue"] = clip_options.before_issue(exact, image, masks)
+    split = rows["labelled_preannotation"]["split_ms"]
+    now_ms = split["crops"] + split["clip_image"]
+    before["labelled_preannotation_clip_ms_now"] = round(now_ms, 1)
+    before["x_cheaper"] = ratio(before["clip_ms"], now_ms)
     mobile = encoder(ctx, 1 if ctx.mode.name != "full" else 3)
     mobile_ms = mobile["decode_plus_set_image"]["p50_ms"]
     out["mobilesam_encoder_ms"] = mobile_ms
@@ -227,6 +232,6 @@ def run(ctx: Context) -> dict[str, Any]:
         "absolute": f"{len(masks)} instances, FastSAM on {service.segmenter.runtime}; cold click "
                     f"{click_row['total_ms']:.0f} ms ({out['mobilesam_encoder_x_cold_click']}x faster than MobileSAM's "
                     f"encoder); default CLIP: pre-annotation {verdict['preannotation_x']}x, text {verdict['text_x']}x, "
-                    f"warm {verdict['warm_x']}x; opt-in {out['opt_in']['settings']}: "
+                    f"warm {verdict['warm_x']}x; CLIP time {before['x_cheaper']}x cheaper than before issue #25; opt-in {out['opt_in']['settings']}: "
                     f"{out['opt_in']['preannotation_x']}x / {out['opt_in']['text_x']}x / {out['opt_in']['warm_x']}x"}
     return out

@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     clip_image_size: int = Field(0, ge=0, le=1024, description="opt-in: CLIP image tower input side (0: the "
                                                                   "model's own); faster, approximate")
     clip_int8: bool = Field(False, description="opt-in: CLIP image tower in dynamic int8 on a CPU; faster, approximate")
+    clip_dense_size: int = Field(0, ge=0, le=2048, description="opt-in: one CLIP pass of the whole image at this "
+                                 "side, each mask pooled from its patch tokens (0: off); much faster, approximate")
+    clip_runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="CLIP's image tower on a CPU: auto (its ONNX Runtime export when the embeddings "
+                            "match torch's), torch, onnx")
     text_margin: float = Field(
         0.02, ge=0, description="'all red circles': every mask within this cosine margin of the best"
     )

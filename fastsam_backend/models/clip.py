@@ -40,18 +40,28 @@ class ClipConfig:
     allow_download: bool = True  # let open_clip fetch a pretrained tag it has not cached
     image_size: int = 0  # opt-in: run the image tower at this input side (0: the model's own)
     int8: bool = False  # opt-in: the image tower's linear layers in dynamic int8 (CPU)
+    dense_size: int = 0  # opt-in: one pass of the whole image at this side, masks pooled (clip_dense.py)
+    runtime: str = "auto"  # the image tower on a CPU: auto | torch | onnx (clip_runtime.py)
+    model_dir: Path = Path("models")  # where the ONNX export of the image tower is kept
+    threads: int = 0  # ONNX Runtime threads (0: the machine's cores)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClipConfig:
         return cls(settings.open_clip_model, settings.open_clip_pretrained, settings.device,
                    settings.clip_enabled, settings.clip_min_mask_area, settings.allow_download,
-                   settings.clip_image_size, settings.clip_int8)
+                   settings.clip_image_size, settings.clip_int8, settings.clip_dense_size, settings.clip_runtime,
+                   settings.model_dir,
+                   settings.torch_threads_per_worker())
 
     @property
     def recipe(self) -> str:
         """How crops become embeddings, beyond the weights: ``t1`` is ``tensor_batch``'s
-        preprocessing; ``r<side>`` a lower input side, ``q8`` the int8 image tower (approximations)."""
-        return "t1" + (f"-r{self.image_size}" if self.image_size else "") + ("-q8" if self.int8 else "")
+        preprocessing; ``r<side>`` a lower input side, ``d<side>`` dense pooling (``clip_dense``),
+        ``q8`` torch's int8 image tower and ``q8o`` ONNX Runtime's (approximations). The fp32 runtime
+        is not in it: an ONNX Runtime tower is served only when its embeddings match torch's."""
+        int8 = ("-q8" if self.runtime == "torch" else "-q8o") if self.int8 else ""
+        side = f"-d{self.dense_size}" if self.dense_size else f"-r{self.image_size}" if self.image_size else ""
+        return "t1" + side + int8
 
 
 def whitened_square_crop(image: np.ndarray, masks: MaskSet, i: int) -> np.ndarray:
@@ -76,7 +86,7 @@ def input_geometry(preprocess: Any) -> tuple[int, tuple[float, ...], tuple[float
     return int(side), tuple(float(v) for v in norm.mean), tuple(float(v) for v in norm.std)
 
 
-def resize_image_tower(model: Any, side: int) -> None:
+def resize_image_tower(model: Any, side: int, setting: str = "CLIP_IMAGE_SIZE") -> None:
     """Run a ViT image tower at ``side`` pixels: its position embedding grid interpolated as
     open_clip does when it loads a checkpoint at another size (bicubic, in float32)."""
     import open_clip.model
@@ -84,10 +94,10 @@ def resize_image_tower(model: Any, side: int) -> None:
 
     visual = model.visual
     if not hasattr(visual, "grid_size") or not hasattr(visual, "positional_embedding"):
-        raise ModelUnavailable("CLIP_IMAGE_SIZE needs a ViT image tower (its position embedding is resized)")
+        raise ModelUnavailable(f"{setting} needs a ViT image tower (its position embedding is resized)")
     patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
     if side % patch:
-        raise ModelUnavailable(f"CLIP_IMAGE_SIZE={side} is not a multiple of the model's patch size {patch}")
+        raise ModelUnavailable(f"{setting}={side} is not a multiple of the model's patch size {patch}")
     old = visual.positional_embedding
     state = {"visual.positional_embedding": old.detach().float()}
     visual.image_size, visual.grid_size = (side, side), (side // patch, side // patch)
@@ -129,6 +139,8 @@ class ClipScorer:
         self._input: tuple[int, tuple[float, ...], tuple[float, ...]] = (224, (0.0,) * 3, (1.0,) * 3)
         self._tokenizer: Any = None
         self._device = "cpu"
+        self._tower: Any = None  # the image tower: torch's module, or its ONNX Runtime export (clip_runtime)
+        self._on_torch = False
         self._lock = threading.Lock()
         self._infer_lock = threading.Lock()
         self._error: str | None = None
@@ -242,16 +254,35 @@ class ClipScorer:
             self._device = cfg.device
         self._model = model.to(self._device).eval()
         self._input = input_geometry(preprocess)
-        if cfg.image_size:
-            resize_image_tower(self._model, cfg.image_size)
-            self._input = (cfg.image_size, *self._input[1:])
-        if cfg.int8:
-            if self._device != "cpu":
-                raise ModelUnavailable("CLIP_INT8=true runs on a CPU only: set DEVICE=cpu or CLIP_INT8=false")
-            self._model.visual = torch.ao.quantization.quantize_dynamic(self._model.visual, {torch.nn.Linear},
-                                                                        dtype=torch.qint8)
+        side = cfg.dense_size or cfg.image_size
+        if side:
+            resize_image_tower(self._model, side, "CLIP_DENSE_SIZE" if cfg.dense_size else "CLIP_IMAGE_SIZE")
+            self._input = (side, *self._input[1:])
+        tower = self._model.visual
+        if cfg.dense_size:
+            from fastsam_backend.models.clip_dense import dense_tower
+
+            tower = dense_tower(tower)
+        if cfg.int8 and self._device != "cpu":
+            raise ModelUnavailable("CLIP_INT8=true runs on a CPU only: set DEVICE=cpu or CLIP_INT8=false")
+        if self._device == "cpu":
+            from fastsam_backend.models.clip_runtime import check_crops, serve_onnx_tower
+
+            self._tower = serve_onnx_tower(cfg.runtime, tower, self.identity, Path(cfg.model_dir),
+                                           tensor_batch(check_crops(), *self._input), int8=cfg.int8,
+                                           threads=cfg.threads)
+        if self._tower is None:
+            self._tower = tower if not cfg.int8 else torch.ao.quantization.quantize_dynamic(
+                tower, {torch.nn.Linear}, dtype=torch.qint8)
+            self._on_torch = True
         self._preprocess, self._tokenizer = preprocess, tokenizer
-        log.info("loaded CLIP %s (%s) on %s, embeddings %s", name, pretrained, self._device, cfg.recipe)
+        log.info("loaded CLIP %s (%s) on %s, embeddings %s, image tower on %s", name, pretrained, self._device,
+                 cfg.recipe, self.runtime)
+
+    @property
+    def runtime(self) -> str:
+        """What runs the image tower once loaded: ``onnxruntime`` or ``torch``."""
+        return "torch" if self._tower is None or self._on_torch else "onnxruntime"
 
     # ------------------------------------------------------------ embeddings
     def embed_masks(self, image: np.ndarray, masks: MaskSet) -> np.ndarray:
@@ -262,6 +293,14 @@ class ClipScorer:
 
         keep = np.flatnonzero(masks.areas > self.config.min_mask_area)
         out = np.zeros((len(masks), self._embed_dim()), dtype=np.float16)
+        if self.config.dense_size and len(keep):
+            from fastsam_backend.models.clip_dense import letterboxed, pool_masks
+
+            batch, scale = letterboxed(image, *self._input)
+            with self._infer_lock, torch.inference_mode():
+                tokens = self._tower(batch.to(self._device)).float()[0].cpu().numpy()
+            out[keep] = pool_masks(tokens, masks[keep], scale, self._patch())
+            return out
         with self._infer_lock, torch.inference_mode():
             for start in range(0, len(keep), BATCH):
                 rows = keep[start : start + BATCH]
@@ -274,7 +313,7 @@ class ClipScorer:
 
     def _encode_crops(self, batch: Any) -> np.ndarray:
         """``(B, D)`` float16 unit image embeddings of a preprocessed batch."""
-        features = self._model.encode_image(batch.to(self._device)).float()
+        features = self._tower(batch.to(self._device)).float()
         features = features / features.norm(dim=-1, keepdim=True)
         return features.cpu().numpy().astype(np.float16)
 
@@ -291,6 +330,10 @@ class ClipScorer:
         features = features.reshape(len(phrases), len(TEMPLATES), -1).mean(dim=1)
         features = features / features.norm(dim=-1, keepdim=True)
         return features.cpu().numpy()
+
+    def _patch(self) -> int:
+        patch = self._model.visual.patch_size
+        return int(patch[0] if isinstance(patch, tuple) else patch)
 
     def _embed_dim(self) -> int:
         proj = getattr(self._model, "text_projection", None)
