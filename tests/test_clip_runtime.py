@@ -34,11 +34,14 @@ def test_auto_serves_the_onnx_export_with_torchs_embeddings_under_torchs_identit
     served.load()
     assert served.runtime == "onnxruntime" and reference.identity == served.identity
     exports = sorted(p.name for p in tmp_path.iterdir())
-    assert exports == [f"{served.identity}-visual.onnx", f"{served.identity}-visual.onnx.json"]
+    assert exports == [f"{served.identity}-{part}.onnx{json}" for part in ("text", "visual") for json in ("", ".json")]
     ours, theirs = _embeddings(served), _embeddings(reference)
     assert reference.runtime == "torch" and ours.any()
     assert np.abs(ours - theirs).max() <= 2e-3  # float16 storage of the same numbers
-    export = tmp_path / exports[0]
+    phrases = ["red circle", "a big blue ring", "star"]
+    assert served._text is not None and reference._text is None
+    assert np.abs(served.embed_texts(phrases) - reference.embed_texts(phrases)).max() <= 1e-5
+    export = tmp_path / exports[2]
     made = export.stat().st_mtime_ns
     again = _scorer(tmp_path)
     again.load()  # another worker sharing MODEL_DIR: the export and its verdict are reused

@@ -1,4 +1,4 @@
-"""Which runtime runs CLIP's image tower on a CPU: its ONNX Runtime export, made once, when it gives
+"""Which runtime runs CLIP's towers on a CPU: their ONNX Runtime exports, made once, when they give
 torch's embeddings (``CLIP_RUNTIME``: ``auto`` | ``torch`` | ``onnx``).
 
 The image tower is where CLIP's time goes (88-94 % of a labelled pre-annotation, ``bench defaults``),
@@ -10,7 +10,9 @@ check crops with both, and serves the export only when every unit embedding agre
 within ``CHECK_MAX_ABS`` -- below two float16 steps of the stored embeddings (the ``emb:`` cache
 keeps float16), so what is cached is the same either way. The verdict is written beside the export
 (``.onnx.json``, with the library versions it holds for). A folder that cannot be written, a missing
-``onnx`` package or a failed check run torch with one log line; ``onnx`` makes each an error.
+``onnx`` package or a failed check run torch with one log line; ``onnx`` makes each an error. The
+text tower (a text prompt's phrase, the project's labels) is served the same way, with its own
+export (``-text.onnx``) and check phrases.
 
 Identity: an export that passed the check serves under torch's CLIP identity (the same cached
 embeddings, ``model_version`` and learned examples): the check is what makes them interchangeable,
@@ -38,6 +40,22 @@ log = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx")
 CHECK_MAX_ABS = 5e-4  # per component of the unit embeddings; measured 6e-5 on ViT-B-32
 CHECK_CROPS = 6
+CHECK_PHRASES = ("a photo of a red car.", "dog", "a picture of a small green hexagon.", "x")
+
+
+def text_tower(model: Any) -> Any:
+    """A ``torch.nn.Module``: ``(B, L)`` int64 tokens → ``(B, D)`` text features (``encode_text``)."""
+    import torch
+
+    class TextTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_text(tokens)
+
+    return TextTower().eval()
 
 
 def check_crops() -> list[np.ndarray]:
@@ -105,7 +123,8 @@ def _export(visual: Any, sample: Any, target: Path, int8: bool) -> None:
 
 
 class OnnxTower:
-    """An exported image tower: ``(B, 3, S, S)`` float32 tensor → ``(B, D)`` float32 tensor."""
+    """An exported tower: ``(B, 3, S, S)`` float32 images or ``(B, L)`` int64 tokens → ``(B, D)``
+    float32 tensor."""
 
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -119,7 +138,7 @@ class OnnxTower:
     def __call__(self, batch: Any) -> Any:
         import torch
 
-        x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
+        x = np.ascontiguousarray(batch.detach().cpu().numpy())
         return torch.from_numpy(self.session.run(None, {"x": x})[0])
 
 
@@ -129,10 +148,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def serve_onnx_tower(runtime: str, visual: Any, identity: str, model_dir: Path, batch: Any, *,
-                     int8: bool, threads: int) -> OnnxTower | None:
-    """The ONNX Runtime tower to run instead of ``visual`` (torch, on a CPU), or None for torch.
+                     int8: bool, threads: int, part: str = "visual", reuse: bool = True) -> OnnxTower | None:
+    """The ONNX Runtime tower to run instead of ``visual`` (a torch module on a CPU; ``part`` names
+    it: ``visual``, the image tower, or ``text``), or None for torch.
 
-    ``batch`` is the check input (``tensor_batch`` of ``check_crops``) at the served side. Under
+    ``batch`` is the check input (``tensor_batch`` of ``check_crops`` at the served side; tokens of
+    ``CHECK_PHRASES`` for the text tower). ``reuse`` False (random weights: no identity tells two
+    models apart) exports and checks again instead of trusting a file of the same name. Under
     ``int8`` the export is quantised and not checked against torch (an approximation, with its own
     identity): every failure is an error, since torch's int8 would give other embeddings.
     """
@@ -144,14 +166,17 @@ def serve_onnx_tower(runtime: str, visual: Any, identity: str, model_dir: Path, 
         if strict:
             setting = "CLIP_INT8=true (ONNX Runtime's int8)" if int8 else "CLIP_RUNTIME=onnx"
             raise ModelUnavailable(f"{setting}: {why}" + ("; or set CLIP_RUNTIME=torch" if int8 else ""))
-        log.warning("CLIP_RUNTIME=auto: CLIP's image tower runs on torch, %s", why)
+        log.warning("CLIP_RUNTIME=auto: CLIP's %s tower runs on torch, %s", part, why)
 
-    target = model_dir / f"{identity}-visual.onnx"
+    target = model_dir / f"{identity}-{part}.onnx"
     verdict_file = target.with_suffix(".onnx.json")
     try:
         versions = _versions()
+        if not reuse:
+            target.unlink(missing_ok=True)
+            verdict_file.unlink(missing_ok=True)
         if not target.is_file():
-            log.info("exporting CLIP's image tower to ONNX Runtime once (%s)", target)
+            log.info("exporting CLIP's %s tower to ONNX Runtime once (%s)", part, target)
             _export(visual, batch[:2], target, int8)
         verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else {}
     except (OSError, ValueError) as exc:
@@ -165,18 +190,19 @@ def serve_onnx_tower(runtime: str, visual: Any, identity: str, model_dir: Path, 
     if int8:
         log.info("CLIP's image tower: ONNX Runtime dynamic int8 (%s; an approximation, own identity)", target.name)
         return tower
-    if verdict.get("versions") != versions or verdict.get("side") != int(batch.shape[-1]):
+    shape = [int(v) for v in batch.shape[1:]]
+    if verdict.get("versions") != versions or verdict.get("input") != shape:
         import torch
 
         with torch.inference_mode():
             ref = _unit(visual(batch).float().numpy())
         diff = float(np.abs(_unit(tower(batch).numpy()) - ref).max())
-        verdict = {"max_abs_diff": diff, "side": int(batch.shape[-1]), "passed": diff <= CHECK_MAX_ABS,
+        verdict = {"max_abs_diff": diff, "input": shape, "passed": diff <= CHECK_MAX_ABS,
                    "versions": versions}
         write_json_atomic(verdict_file, verdict)
     if not verdict.get("passed"):
-        return fallback(f"the ONNX export's embeddings differ from torch's on the check crops (max abs "
+        return fallback(f"the ONNX export's embeddings differ from torch's on the check inputs (max abs "
                         f"difference {verdict.get('max_abs_diff')}; needs <= {CHECK_MAX_ABS})")
-    log.info("CLIP's image tower through ONNX Runtime (%s; check crops agree to %.1e, identity kept)",
-             target.name, verdict.get("max_abs_diff"))
+    log.info("CLIP's %s tower through ONNX Runtime (%s; check inputs agree to %.1e, identity kept)",
+             part, target.name, verdict.get("max_abs_diff"))
     return tower
