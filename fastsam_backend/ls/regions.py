@@ -7,13 +7,14 @@ coordinates, as LS stores them.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fastsam_backend.ls.labelconfig import OutputTag
 from fastsam_backend.ls.polygons import DEFAULT_STYLE, PolygonStyle, mask_outlines
-from fastsam_backend.ls.rle import encode_rle
+from fastsam_backend.ls.rle import encode_rle, encode_rle_crops
 
 
 def _region(tag: OutputTag, kind: str, image_size: tuple[int, int], value: dict, score: float) -> dict[str, Any]:
@@ -57,6 +58,15 @@ def brush_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: flo
     function here to it: the cost follows the object's size, not the image's."""
     value = {"format": "rle", "rle": encode_rle(mask, box), "brushlabels": _labels(label)}
     return _region(tag, "brushlabels", mask.shape, value, score)
+
+
+def brush_regions(tag: OutputTag, image_size: tuple[int, int], boxes: Sequence[Box], crops: Sequence[np.ndarray],
+                  label: str | None, scores: Sequence[float]) -> list[dict[str, Any]]:
+    """``brush_region`` of several masks of one image, each given as its box (within the image)
+    and its crop there (zero outside the box), encoded together (``rle.encode_rle_crops``)."""
+    return [_region(tag, "brushlabels", image_size, {"format": "rle", "rle": list(rle),
+                                                     "brushlabels": _labels(label)}, score)
+            for rle, score in zip(encode_rle_crops(image_size, boxes, crops), scores)]
 
 
 def rectangle_region(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
