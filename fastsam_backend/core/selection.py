@@ -51,7 +51,7 @@ class Selection:
     @classmethod
     def of_instance(cls, masks: MaskSet, i: int, score: float) -> Selection:
         """Instance ``i`` of ``masks`` alone: its crop (shared with the mask set, never written) and box."""
-        x0, y0, x1, y1 = (int(v) for v in masks.boxes[i])
+        x0, y0, x1, y1 = masks.boxes[i].tolist()
         return cls(masks.crops[i], score, (int(i),), (x0, y0, x1, y1), masks.image_size)
 
     @cached_property

@@ -6,7 +6,7 @@ coordinates, as LS stores them.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +20,9 @@ from fastsam_backend.ls.rle import encode_rle, encode_rle_crops
 def _region(tag: OutputTag, kind: str, image_size: tuple[int, int], value: dict, score: float) -> dict[str, Any]:
     height, width = image_size
     return {
-        "id": uuid.uuid4().hex[:10],
+        # 10 random hex digits, as uuid4().hex[:10] gave (a UUID4's first 5 bytes are random) at a
+        # fifth of its cost: an exemplar answer has 20 regions
+        "id": os.urandom(5).hex(),
         "from_name": tag.from_name,
         "to_name": tag.to_name,
         "type": kind,
