@@ -188,7 +188,15 @@ def test_an_answer_is_each_selections_regions_in_order():
     config = parse_label_config(FULL_CONFIG)
     tags = (config.brush, config.polygon)
     scene = generate_scene(1_000_401)
-    masks = MaskSet.from_dense(np.stack([o.mask for o in scene.objects]), np.linspace(0.9, 0.5, len(scene.objects)))
+    h, w = scene.image.shape[:2]
+    edges = np.zeros((4, h, w), bool)  # pieces touching each border and corner, one of one pixel
+    edges[0, :7, :9] = edges[0, 3, 20:25] = True
+    edges[1, h - 5:, w - 1:] = True
+    edges[2, 10:h - 10, :] = True
+    edges[2, 20:30, 5:15] = False
+    edges[3, h - 1, 0] = True
+    dense = np.concatenate([np.stack([o.mask for o in scene.objects]), edges])
+    masks = MaskSet.from_dense(dense, np.linspace(0.9, 0.5, len(dense)))
     selections = [Selection.of_instance(masks, i, 0.1 * i) for i in range(len(masks))]
     selections.append(Selection.of_mask(masks.mask(0) | masks.mask(1), 0.7, (0, 1), masks.union_box([0, 1])))
     got = answer_regions(tags, selections, lambda tag: "Cat", DEFAULT_STYLE)

@@ -14,7 +14,7 @@ from fastsam_backend.core.selection import Selection
 from fastsam_backend.errors import BadRequest
 from fastsam_backend.ls.labelconfig import LabelConfig, OutputTag
 from fastsam_backend.ls.polygons import PolygonStyle
-from fastsam_backend.ls.regions import brush_regions, polygon_regions
+from fastsam_backend.ls.regions import brush_regions, crop_polygon_regions
 from fastsam_backend.settings import InteractiveOutput
 
 
@@ -56,5 +56,6 @@ def answer_regions(tags: Sequence[OutputTag], selections: Sequence[Selection],
                                     [s.crop for s in selections], label, [s.score for s in selections])
             per_tag.append([[r] for r in brushes])
         else:
-            per_tag.append([polygon_regions(tag, s.mask, label, s.score, s.box, style) for s in selections])
+            per_tag.append([crop_polygon_regions(tag, s.image_size, s.box, s.crop, label, s.score, style)
+                            for s in selections])
     return [r for k in range(len(selections)) for of_tag in per_tag for r in of_tag[k]]

@@ -99,14 +99,31 @@ def mask_polygons(mask: np.ndarray, style: PolygonStyle = DEFAULT_STYLE) -> list
 def polygon_regions(tag: OutputTag, mask: np.ndarray, label: str | None, score: float,
                     box: Box | None = None, style: PolygonStyle = DEFAULT_STYLE) -> list[dict[str, Any]]:
     """One PolygonLabels region per connected piece (percent coordinates), holes kept as keyholes."""
-    h, w = mask.shape
     part, dx, dy = _within(mask, box, pad=1)  # a zero border: contours as on the whole image
+    return _polygons(tag, mask.shape, part, dx, dy, label, score, style)
+
+
+def crop_polygon_regions(tag: OutputTag, image_size: tuple[int, int], box: Box, crop: np.ndarray,
+                         label: str | None, score: float, style: PolygonStyle = DEFAULT_STYLE) -> list[dict[str, Any]]:
+    """``polygon_regions`` of the mask that is ``crop`` inside ``box`` (within the image) and zero
+    elsewhere, without building it: the crop gets the zero border ``_within`` would give."""
+    h, w = image_size
+    x0, y0, x1, y1 = (int(v) for v in box)
+    pads = ((min(y0, 1), min(h - y1, 1)), (min(x0, 1), min(w - x1, 1)))
+    part = np.pad(crop, pads) if any(p for side in pads for p in side) else crop
+    return _polygons(tag, image_size, part, x0 - pads[1][0], y0 - pads[0][0], label, score, style)
+
+
+def _polygons(tag: OutputTag, image_size: tuple[int, int], part: np.ndarray, dx: int, dy: int,
+              label: str | None, score: float, style: PolygonStyle) -> list[dict[str, Any]]:
+    """The regions of ``part``, the piece of an ``image_size`` mask whose top left is ``(dx, dy)``."""
+    h, w = image_size
     regions = []
     for poly in mask_outlines(part, style):
         poly = poly + np.array([dx, dy], dtype=np.float64)
         points = np.column_stack([100.0 * poly[:, 0] / w, 100.0 * poly[:, 1] / h]).round(4).tolist()
         value = {"points": points, "closed": True, "polygonlabels": _labels(label)}
-        regions.append(_region(tag, "polygonlabels", mask.shape, value, score))
+        regions.append(_region(tag, "polygonlabels", image_size, value, score))
     return regions
 
 
