@@ -90,7 +90,8 @@ def encode_rle_crops(image_size: tuple[int, int], boxes: Sequence[Sequence[int]]
     n = height * width
     if 4 * n >= 1 << 32:
         raise ValueError(f"masks of {n} pixels do not fit the 32-bit value count")
-    bl = np.asarray(boxes, dtype=np.int64).reshape(len(crops), 4).tolist()
+    box_array = np.asarray(boxes, dtype=np.int64).reshape(len(crops), 4)
+    bl = box_array.tolist()
     for k, ((x0, y0, x1, y1), crop) in enumerate(zip(bl, crops)):
         if not (0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height):
             raise ValueError(f"box {k} {(x0, y0, x1, y1)} is not within the {width}x{height} image")
@@ -102,7 +103,7 @@ def encode_rle_crops(image_size: tuple[int, int], boxes: Sequence[Sequence[int]]
     if len(crops) == 1 or n == 0:  # one mask: the leaner single-stream path (a click's answer)
         return [_encode_one(n, *_crop_changes(c, tuple(b), (height, width))) if c.size
                 else _encode_one(n, np.zeros(0, np.int64), False) for b, c in zip(bl, crops)]
-    return _encode_many(n, width, bl, crops)
+    return _encode_many(n, width, box_array, crops)
 
 
 def _crop_changes(crop: np.ndarray, box: tuple[int, int, int, int],
@@ -156,26 +157,28 @@ def _encode_one(n: int, change: np.ndarray, first: bool) -> bytes:
     return _or_codes(codes, widths, offsets, nbytes // 8 + 2).astype(">u8").tobytes()[:nbytes]
 
 
-def _encode_many(n: int, width: int, boxes: list[list[int]], crops: Sequence[np.ndarray]) -> list[bytes]:
+def _encode_many(n: int, width: int, boxes: np.ndarray, crops: Sequence[np.ndarray]) -> list[bytes]:
     """``encode_rle_crops`` for ``n > 0`` pixels: the masks' runs in one array, their streams
     packed side by side (each from a word of its own) in one pass."""
     # Every crop row behind a zero column, each crop followed by one zero, all end to end: where
     # neighbours differ is a change of the raster (as in ``_crop_changes``), the zero column's
     # own changes being falls just past the row above. The value there is the new run's.
     count = len(crops)
-    stride = np.array([x1 - x0 + 1 for x0, _, x1, _ in boxes], np.int64)
-    size = np.array([(y1 - y0) * (x1 - x0 + 1) + 1 for x0, y0, x1, y1 in boxes], np.int64)
+    x0, y0, x1, y1 = boxes.T
+    stride = x1 - x0 + 1
+    size = (y1 - y0) * stride + 1
     start = np.cumsum(size) - size
     buf = np.zeros(int(start[-1] + size[-1]), bool)
-    for (x0, y0, x1, y1), crop, s in zip(boxes, crops, start.tolist()):
+    for crop, s, st in zip(crops, start.tolist(), stride.tolist()):
         if crop.size:
-            rows = buf[s:s + (y1 - y0) * (x1 - x0 + 1)].reshape(y1 - y0, x1 - x0 + 1)
+            rows = buf[s:s + crop.shape[0] * st].reshape(crop.shape[0], st)
             rows[:, 1:] = crop if crop.dtype == np.bool_ else crop != 0
     q = np.flatnonzero(buf[1:] != buf[:-1]) + 1
-    owner = np.searchsorted(start, q, side="right") - 1
+    # q is sorted, and no change is at a crop's first (zero) element: count them per crop
+    owner = np.repeat(np.arange(count), np.diff(np.searchsorted(q, start), append=q.size))
     row, col = np.divmod(q - start[owner], stride[owner])
-    b = np.array(boxes, np.int64).reshape(count, 4)[owner]
-    pos = np.where(col > 0, (row + b[:, 1]) * width + b[:, 0] + col - 1, (row + b[:, 1] - 1) * width + b[:, 2])
+    # column c >= 1 of a row is pixel x0 + c - 1 of its image row; column 0, pixel x1 of the row above
+    pos = row * width + np.where(col > 0, col + (y0 * width + x0 - 1)[owner], ((y0 - 1) * width + x1)[owner])
     value = buf[q]
     if np.any(stride == width + 1):  # full-width rows: a fall at a row's end and the rise of the next
         twin = (pos[1:] == pos[:-1]) & (owner[1:] == owner[:-1])  # start on one pixel and cancel
@@ -227,7 +230,7 @@ def _chunk_codes(pixels: np.ndarray, run_val: np.ndarray, head: np.ndarray | Non
     run_len = 4 * pixels
     run_k = _K_OF_PIXELS[np.minimum(pixels, 65)]
     per_run = (run_len - 1) // _MAX_CHUNK + 1
-    if np.any(per_run > 1):
+    if per_run.size and per_run.max() > 1:
         last = np.cumsum(per_run) - 1
         ch_len = np.full(int(last[-1]) + 1, _MAX_CHUNK, dtype=np.int64)
         ch_len[last] = run_len - _MAX_CHUNK * (per_run - 1)
@@ -246,14 +249,15 @@ def _chunk_codes(pixels: np.ndarray, run_val: np.ndarray, head: np.ndarray | Non
 def _or_codes(codes: np.ndarray, widths: np.ndarray, offsets: np.ndarray, nwords: int) -> np.ndarray:
     """``nwords`` 64-bit words holding each code (uint64, ``widths`` <= 64 bits) at its bit
     offset, counted from the MSB of word 0; offsets ascending, codes never overlapping."""
-    # OR the codes into big-endian 64-bit words. A code ends at bit ``end`` of its
-    # word (counted from the MSB); bits past 64 spill into the next word. Codes are
-    # sorted by word, so a segmented OR (reduceat) merges the ones sharing a word.
-    # (numpy defines shifts by >= 64 as 0, which zeroes ``lo`` for codes that fit.)
+    # OR the codes into big-endian 64-bit words. Each code, moved to the top of a 64-bit
+    # value, starts at bit ``at`` of its word (counted from the MSB): its first 64 - at bits
+    # are in that word, the rest spill into the next. Codes are sorted by word, so a
+    # segmented OR (reduceat) merges the ones sharing a word. (numpy defines shifts by >= 64
+    # as 0, which zeroes ``lo`` for codes starting at bit 0.)
     word = offsets >> 6
-    end = (offsets & 63) + widths
-    hi = (codes >> np.maximum(end - 64, 0).astype(np.uint64)) << np.maximum(64 - end, 0).astype(np.uint64)
-    lo = codes << (128 - end).astype(np.uint64)
+    top = codes << (64 - widths).astype(np.uint64)
+    at = (offsets & 63).astype(np.uint64)
+    hi, lo = top >> at, top << (64 - at)
     seg = np.flatnonzero(np.diff(word, prepend=-1) != 0)
     words = np.zeros(nwords, dtype=np.uint64)
     words[word[seg]] = np.bitwise_or.reduceat(hi, seg)
