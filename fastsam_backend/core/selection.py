@@ -298,7 +298,7 @@ def select_by_text_prompt(masks: MaskSet, similarities: np.ndarray, candidates: 
     if not picked:
         return None
     return Selection.of_mask(masks[picked].union(), float(np.mean(masks.scores[picked])), tuple(picked),
-                     masks.union_box(picked))
+                             masks.union_box(picked))
 
 
 def preannotation_order(masks: MaskSet, *, min_area: float, min_score: float, max_instances: int) -> list[int]:

@@ -109,7 +109,7 @@ def encode_rle_crops(image_size: tuple[int, int], boxes: Sequence[Sequence[int]]
 def _crop_changes(crop: np.ndarray, box: tuple[int, int, int, int],
                   shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """Raster positions ``p`` (``0 < p < H*W``) where pixel ``p`` differs from ``p - 1``, and
-    pixel 0's value, for an ``shape`` mask that is ``crop`` inside ``box`` (within the image,
+    pixel 0's value, for a ``shape`` mask that is ``crop`` inside ``box`` (within the image,
     not empty) and zero outside it."""
     height, width = shape
     n = height * width
