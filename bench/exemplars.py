@@ -13,7 +13,7 @@ Measured in the same run:
 - warm exemplar boxes: everything cached. Target: p50 and p95 ≤ 2× the warm click's. A click
   answers one region and an exemplar box 20: ``ratio_p50_per_region`` compares the exemplar with
   the 20 clicks it replaces, and ``selection_only`` the selections without building regions (the
-  exemplar's: its box's instance, the cached cues, the similarity and cut, 20 dense masks).
+  exemplar's: its box's instance, the cached cues, the similarity and cut, 20 selections).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def run(ctx: Context) -> dict[str, Any]:
             "clip": clip, "warm_click": click, "warm_exemplar": exemplar,
             "first_exemplar_ms": round(1000 * first_s, 1), "geometry_and_colour_ms": round(1000 * cues_s, 1),
             "ratio_p50": p50, "ratio_p95": p95, "target": RATIO_TARGET, "selection_only": selection,
-            # a click answers one region, an exemplar ``regions``: each costs an RLE and a dense mask
+            # a click answers one region, an exemplar ``regions``: each costs an RLE and a region
             "ratio_p50_per_region": round(p50 / max(regions, 1), 3),
             "headline": {"name": "warm exemplar box (20 regions) / warm click (1 region), p50, 100 cached instances",
                          "value": p50, "unit": "x", "target": f"<= {RATIO_TARGET}",

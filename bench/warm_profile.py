@@ -36,8 +36,8 @@ CATEGORIES = (
     ("selection by point (incl. morphology)", "fastsam_backend/core/selection.py", "select_by_points"),
     ("selection by box", "fastsam_backend/core/selection.py", "select_by_box"),
     ("morphology (smooth_mask)", "fastsam_backend/core/morphology.py", "smooth_mask"),
-    ("region build (brush_region, incl. RLE)", "fastsam_backend/ls/regions.py", "brush_region"),
-    ("RLE encode (encode_rle)", "fastsam_backend/ls/rle.py", "encode_rle"),
+    ("region build (brush_regions, incl. RLE)", "fastsam_backend/ls/regions.py", "brush_regions"),
+    ("RLE encode (encode_rle_crops)", "fastsam_backend/ls/rle.py", "encode_rle_crops"),
     ("response JSON encode (jsonify)", "flask/json/provider.py", "response"),
     ("metrics (prometheus)", "prometheus_client/metrics.py", "observe"),
 )
@@ -60,7 +60,7 @@ def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
     from fastsam_backend.core.selection import select_by_box, select_by_points
     from fastsam_backend.ls.prompts import parse_context
     from fastsam_backend.ls.protocol import decode_predict
-    from fastsam_backend.ls.rle import encode_rle
+    from fastsam_backend.ls.rle import encode_rle_crops
 
     rule, morphology = service.settings.point_rule, service.settings.morphology
     parse, lookup, select, morph, rle, dump = [], [], [], [], [], []
@@ -86,7 +86,8 @@ def _stages(service, bodies: list[bytes]) -> dict[str, Any]:
         select.append(t)
         regions = []
         if sel is not None:
-            t, ints = timed(lambda s=sel: encode_rle(s.mask, s.box))  # as brush_region calls it
+            # as answer_regions encodes it (from the selection's crop)
+            t, ints = timed(lambda s=sel: list(encode_rle_crops(s.image_size, [s.box], [s.crop])[0]))
             rle.append(t)
             regions = [{"value": {"format": "rle", "rle": ints, "brushlabels": ["Banana"]}}]
         t, _ = timed(lambda r=regions: json.dumps({"results": [{"result": r, "score": 0.5, "model_version": "x"}]}))

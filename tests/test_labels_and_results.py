@@ -175,6 +175,42 @@ def test_regions_limited_to_a_box_are_the_same_regions():
     assert checked > 100
 
 
+def test_an_answer_is_each_selections_regions_in_order():
+    """``answer_regions`` encodes the selections' crops together; the regions are the ones each
+    selection's whole mask gives, selection after selection, each in the tags' order."""
+    from fastsam_backend.core.masks import MaskSet
+    from fastsam_backend.core.selection import Selection
+    from fastsam_backend.ls.answers import answer_regions
+    from fastsam_backend.ls.polygons import DEFAULT_STYLE
+    from fastsam_backend.ls.regions import brush_regions, polygon_regions
+    from fastsam_backend.quality.scenes import generate_scene
+
+    config = parse_label_config(FULL_CONFIG)
+    tags = (config.brush, config.polygon)
+    scene = generate_scene(1_000_401)
+    h, w = scene.image.shape[:2]
+    edges = np.zeros((4, h, w), bool)  # pieces touching each border and corner, one of one pixel
+    edges[0, :7, :9] = edges[0, 3, 20:25] = True
+    edges[1, h - 5:, w - 1:] = True
+    edges[2, 10:h - 10, :] = True
+    edges[2, 20:30, 5:15] = False
+    edges[3, h - 1, 0] = True
+    dense = np.concatenate([np.stack([o.mask for o in scene.objects]), edges])
+    masks = MaskSet.from_dense(dense, np.linspace(0.9, 0.5, len(dense)))
+    selections = [Selection.of_instance(masks, i, 0.1 * i) for i in range(len(masks))]
+    selections.append(Selection.of_mask(masks.mask(0) | masks.mask(1), 0.7, (0, 1), masks.union_box([0, 1])))
+    got = answer_regions(tags, selections, lambda tag: "Cat", DEFAULT_STYLE)
+    expected = []
+    for s in selections:
+        expected.append(brush_region(tags[0], s.mask, "Cat", s.score))
+        expected += polygon_regions(tags[1], s.mask, "Cat", s.score)
+    assert [(r["type"], r["value"], r["score"]) for r in got] == [(r["type"], r["value"], r["score"]) for r in expected]
+    assert len({r["id"] for r in got}) == len(got)
+    assert answer_regions(tags, [], lambda tag: "Cat", DEFAULT_STYLE) == []
+    (one,) = brush_regions(tags[0], masks.image_size, [selections[2].box], [selections[2].crop], None, [0.5])
+    assert one["value"] == brush_region(tags[0], masks.mask(2), None, 0.5)["value"]
+
+
 def test_captured_requests_are_found_by_path_and_kind():
     from fastsam_backend.quality.lsrequests import captured
 

@@ -15,7 +15,7 @@ from fastsam_backend.core.selection import select_by_box, select_by_points
 from fastsam_backend.errors import BadRequest
 from fastsam_backend.ls.prompts import Prompts, parse_context
 from fastsam_backend.ls.protocol import context_from
-from fastsam_backend.ls.rle import decode_rle, encode_rle
+from fastsam_backend.ls.rle import decode_rle, encode_rle, encode_rle_crops
 from fastsam_backend.settings import PointRule
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -165,6 +165,21 @@ def test_rle_round_trips_and_matches_the_sdk(mask, data):
         grown = (data.draw(st.integers(0, x0)), data.draw(st.integers(0, y0)),
                  data.draw(st.integers(x1, w)), data.draw(st.integers(y1, h)))
         assert encode_rle(mask, box) == rle == encode_rle(mask, grown)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(masks_2d(), min_size=1, max_size=4), st.data())
+def test_rle_of_crops_is_the_rle_of_their_masks(masks, data):
+    """Several masks of one image encoded together from their crops and (grown) tight boxes."""
+    h, w = masks[0].shape
+    masks = [np.pad(m[:h, :w], ((0, h - min(h, m.shape[0])), (0, w - min(w, m.shape[1])))) for m in masks]
+    boxes = []
+    for mask in masks:
+        x0, y0, x1, y1 = tight_box(mask) or (0, 0, 0, 0)
+        boxes.append((data.draw(st.integers(0, x0)), data.draw(st.integers(0, y0)),
+                      data.draw(st.integers(x1, w)), data.draw(st.integers(y1, h))))
+    crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(masks, boxes)]
+    assert [list(r) for r in encode_rle_crops((h, w), boxes, crops)] == [encode_rle(m) for m in masks]
 
 
 @settings(max_examples=15, deadline=None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter import brush
 
-from fastsam_backend.ls.rle import decode_rle, encode_rle, encode_rle_bytes
+from fastsam_backend.ls.rle import decode_rle, encode_rle, encode_rle_bytes, encode_rle_crops
 
 
 def _disks(h: int, w: int, n: int, seed: int, rmax: int = 40) -> np.ndarray:
@@ -228,3 +228,64 @@ def test_encoding_inside_a_box_gives_the_same_bytes() -> None:
         assert encode_rle_bytes(mask, box) == encode_rle_bytes(mask), (mask.shape, box)
     mask, box = _in_box_cases()[200]
     assert encode_rle(mask.astype(np.uint8) * 255, box) == brush.mask2rle(mask.astype(np.uint8) * 255)
+
+
+def _crop_cases(seed: int) -> list[tuple[tuple[int, int], list[np.ndarray], list[tuple[int, int, int, int]]]]:
+    """Images with several masks, each zero outside its box: boxes touching every image edge,
+    full-width and whole-image boxes, 1-pixel boxes, empty boxes and empty or full crops."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for h, w in [(1, 1), (1, 9), (9, 1), (5, 6), (37, 53), (64, 64), (130, 140)]:
+        for _ in range(25):
+            masks, boxes = [], []
+            for _ in range(int(rng.integers(1, 6))):
+                x0, x1 = sorted(int(v) for v in rng.integers(0, w + 1, 2))
+                y0, y1 = sorted(int(v) for v in rng.integers(0, h + 1, 2))
+                kind = rng.random()
+                if kind < 0.2:  # full-width rows
+                    x0, x1 = 0, w
+                elif kind < 0.3:  # the whole image
+                    x0, y0, x1, y1 = 0, 0, w, h
+                elif kind < 0.45:  # one pixel, often in a corner
+                    x0, y0 = int(rng.choice([0, w - 1, rng.integers(w)])), int(rng.choice([0, h - 1, rng.integers(h)]))
+                    x1, y1 = x0 + 1, y0 + 1
+                mask = np.zeros((h, w), bool)
+                fill = rng.random() if rng.random() < 0.6 else rng.choice([0.0, 1.0])
+                mask[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < fill
+                masks.append(mask)
+                boxes.append((x0, y0, x1, y1))
+            cases.append(((h, w), masks, boxes))
+    return cases
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_crops_encode_as_their_whole_masks(seed: int) -> None:
+    for size, masks, boxes in _crop_cases(seed):
+        crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(masks, boxes)]
+        got = encode_rle_crops(size, boxes, crops)
+        assert got == [encode_rle_bytes(m) for m in masks], (size, boxes)
+        assert got == [encode_rle_crops(size, [b], [c])[0] for b, c in zip(boxes, crops)]  # one at a time too
+    size, masks, boxes = _crop_cases(seed)[-1]
+    for mask, rle in zip(masks, encode_rle_crops(size, np.array(boxes), [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1)
+                                                                         in zip(masks, boxes)])):
+        assert list(rle) == brush.mask2rle(mask.astype(np.uint8) * 255)
+
+
+def test_crops_split_long_runs_and_take_any_dtype() -> None:
+    h, w = 300, 400  # runs over 16,384 pixels around and inside the boxes
+    masks = [_rect(h, w, 0, 300, 0, 400), _rect(h, w, 10, 290, 0, 400), _rect(h, w, 100, 101, 7, 8),
+             _disks(h, w, 6, seed=3, rmax=90)]
+    boxes = [(0, 0, 400, 300), (0, 10, 400, 290), (7, 100, 8, 101), (0, 0, 400, 300)]
+    crops = [(m[y0:y1, x0:x1].astype(np.uint8) * 255) for m, (x0, y0, x1, y1) in zip(masks, boxes)]
+    assert encode_rle_crops((h, w), boxes, crops) == [bytes(brush.mask2rle(m.astype(np.uint8) * 255)) for m in masks]
+    assert encode_rle_crops((h, w), [], []) == []
+    assert encode_rle_crops((0, 5), [(0, 0, 0, 0)], [np.zeros((0, 0), bool)]) == [encode_rle_bytes(np.zeros((0, 5)))]
+
+
+def test_crops_must_fit_their_boxes_and_the_image() -> None:
+    with pytest.raises(ValueError, match="not within"):
+        encode_rle_crops((10, 10), [(5, 5, 11, 6)], [np.ones((1, 6), bool)])
+    with pytest.raises(ValueError, match="not within"):
+        encode_rle_crops((10, 10), [(-1, 0, 2, 1)], [np.ones((1, 3), bool)])
+    with pytest.raises(ValueError, match="shape"):
+        encode_rle_crops((10, 10), [(0, 0, 2, 2), (0, 0, 3, 3)], [np.ones((2, 2), bool), np.ones((2, 3), bool)])

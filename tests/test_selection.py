@@ -5,7 +5,7 @@ import pytest
 
 from fastsam_backend.core.masks import MaskSet
 from fastsam_backend.core.morphology import smooth_mask
-from fastsam_backend.core.selection import box_ious, select_by_box, select_by_points
+from fastsam_backend.core.selection import Selection, box_ious, select_by_box, select_by_points
 from fastsam_backend.settings import PointRule
 
 H, W = 40, 60
@@ -143,6 +143,24 @@ def test_selection_reports_what_it_used():
     sel = select_by_points(SCENE, points((15, 15), (45, 15)), np.array([True, True]))
     assert set(sel.indices) == {2, 3}
     assert sel.score == pytest.approx((0.9 + 0.7) / 2)
+
+
+def test_a_selection_holds_its_crop_and_builds_its_mask_on_demand():
+    # a box alone selects its instance as it is: the mask set's crop, no image-sized mask yet
+    sel = select_by_box(SCENE, (9, 9, 21, 21))
+    assert sel.crop is SCENE.crops[2] and sel.box == (10, 10, 20, 20) and sel.image_size == (H, W)
+    assert "mask" not in sel.__dict__
+    np.testing.assert_array_equal(sel.mask, CUP)
+    assert sel.mask is sel.mask  # built once
+    one = Selection.of_instance(SCENE, 3, 0.25)
+    assert (one.indices, one.score, one.box) == ((3,), 0.25, (40, 10, 50, 20))
+    np.testing.assert_array_equal(one.mask, BALL)
+    # a dense mask is kept as it is, its crop a view of it
+    merged = select_by_points(SCENE, points((15, 15), (45, 15)), np.array([True, True]), morphology=False)
+    assert merged.mask.shape == (H, W) and np.shares_memory(merged.crop, merged.mask)
+    x0, y0, x1, y1 = merged.box
+    np.testing.assert_array_equal(merged.crop, (CUP | BALL)[y0:y1, x0:x1])
+    assert not merged.mask.any() or merged.mask.sum() == merged.crop.sum()  # nothing outside the box
 
 
 def test_best_box_match_is_the_argmax_of_all_ious():

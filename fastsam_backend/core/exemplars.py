@@ -242,8 +242,15 @@ def match_kind(masks: MaskSet, cues: InstanceCues, positives: Sequence[int], neg
         if _entangled(masks, int(i), positives):  # parts of the exemplar, the scene around it
             candidates[i] = False
     cut = split_distance(distance[candidates], cap=distance_of(min_similarity))
-    chosen = list(positives)
-    for i in np.argsort(distance, kind="stable"):
-        if candidates[i] and distance[i] <= cut and not _entangled(masks, int(i), chosen):
-            chosen.append(int(i))
-    return KindMatch(tuple(chosen), similarity_of(distance), cut)
+    within = np.flatnonzero(candidates & (distance <= cut))
+    group = np.concatenate([positives, within[np.argsort(distance[within], kind="stable")]])
+    # Nearest first, each taken unless entangled with one taken before it. Only the ones whose
+    # boxes meet an earlier one's can be (compared pixel by pixel, in order); most meet none.
+    b = masks.boxes[group]
+    earlier = np.tril((b[:, None, 0] < b[None, :, 2]) & (b[None, :, 0] < b[:, None, 2])
+                      & (b[:, None, 1] < b[None, :, 3]) & (b[None, :, 1] < b[:, None, 3]), -1)
+    taken = np.ones(len(group), bool)
+    for g in np.flatnonzero(earlier[len(positives):].any(axis=1)) + len(positives):
+        near = np.flatnonzero(earlier[g] & taken)
+        taken[g] = not near.size or not _entangled(masks, int(group[g]), group[near].tolist())
+    return KindMatch(tuple(group[taken].tolist()), similarity_of(distance), cut)

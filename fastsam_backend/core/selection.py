@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -24,12 +25,41 @@ DUPLICATE_IOU = 0.5
 
 @dataclass(frozen=True)
 class Selection:
-    """One selected region: ``mask`` is ``(H, W)`` bool at original resolution."""
+    """One selected region: ``crop`` is its part inside ``box`` (``(y1 - y0, x1 - x0)`` bool), and
+    nothing of it lies outside the box; ``mask`` is the whole ``(H, W)`` bool at original
+    resolution, built on first use (an answer encodes its regions from the crops: an exemplar's 20
+    regions would otherwise build 20 image-sized masks).
 
-    mask: np.ndarray
+    ``Selection.of_mask`` makes one from a dense mask, ``Selection.of_instance`` one instance's.
+    """
+
+    crop: np.ndarray
     score: float
     indices: tuple[int, ...]  # which instances of the MaskSet went into it
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive): the union of their boxes, holds the mask
+    image_size: tuple[int, int]  # (height, width) of the image
+
+    @classmethod
+    def of_mask(cls, mask: np.ndarray, score: float, indices: tuple[int, ...],
+                box: tuple[int, int, int, int]) -> Selection:
+        """From an ``(H, W)`` mask that ``box`` (within the image) holds; the mask is kept as ``mask``."""
+        x0, y0, x1, y1 = box
+        selection = cls(mask[y0:y1, x0:x1], score, indices, box, (int(mask.shape[0]), int(mask.shape[1])))
+        selection.__dict__["mask"] = mask  # already built: ``mask`` (a cached property) returns it
+        return selection
+
+    @classmethod
+    def of_instance(cls, masks: MaskSet, i: int, score: float) -> Selection:
+        """Instance ``i`` of ``masks`` alone: its crop (shared with the mask set, never written) and box."""
+        x0, y0, x1, y1 = masks.boxes[i].tolist()
+        return cls(masks.crops[i], score, (int(i),), (x0, y0, x1, y1), masks.image_size)
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        out = np.zeros(self.image_size, dtype=bool)
+        x0, y0, x1, y1 = self.box
+        out[y0:y1, x0:x1] = self.crop
+        return out
 
 
 def _as_points(points: np.ndarray) -> np.ndarray:
@@ -145,7 +175,7 @@ def select_by_points(
         merged = smooth_mask(merged, keep_points=points[positive], box=box, open_points=points[~positive],
                              objects=inner_objects(masks, used, box))
     score = float(masks.scores[used].mean())
-    return Selection(merged, score, tuple(int(i) for i in used), box)
+    return Selection.of_mask(merged, score, tuple(int(i) for i in used), box)
 
 
 def _any_inside(mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
@@ -176,36 +206,38 @@ def select_by_box(
     best, best_iou = match_box(masks, box, box_rule)
     if best_iou <= 0:
         return None
-    mask = masks.mask(best)
-    used = [best]
-    refine_points = refine_open = None  # the clicks that refined the mask, respected by smoothing
     x0, y0, x1, y1 = box
+    pts = pos = None
     if points is not None and len(points):
         pts = _as_points(points)
         pos = np.asarray(positive, dtype=bool).reshape(-1)
         in_box = (pts[:, 0] >= x0) & (pts[:, 0] < x1) & (pts[:, 1] >= y0) & (pts[:, 1] < y1)
         pts, pos = pts[in_box], pos[in_box]
-        if len(pts):
-            inside = _membership(masks, pts)
-            for k in np.flatnonzero(pos):
-                if not mask[pts[k, 1], pts[k, 0]] and (add := _smallest(inside[k], masks.areas)) is not None:
-                    mask |= masks.mask(add)
-                    used.append(add)
-            holds_pos = inside[pos].any(axis=0)
-            for k in np.flatnonzero(~pos):
-                if mask[pts[k, 1], pts[k, 0]] and (cut := _smallest(inside[k] & ~holds_pos, masks.areas)) is not None:
-                    mask &= ~masks.mask(cut)
-            clip = np.zeros_like(mask)
-            clip[y0:y1, x0:x1] = True
-            mask &= clip
-            refine_points, refine_open = pts[pos], pts[~pos]
+    if pts is None or not len(pts):  # the box alone: its instance as it is (no (H, W) mask built)
+        return Selection.of_instance(masks, best, float(masks.scores[best]))
+    mask = masks.mask(best)
+    used = [best]
+    # clicks inside the box refine the mask; smoothing respects them
+    inside = _membership(masks, pts)
+    for k in np.flatnonzero(pos):
+        if not mask[pts[k, 1], pts[k, 0]] and (add := _smallest(inside[k], masks.areas)) is not None:
+            mask |= masks.mask(add)
+            used.append(add)
+    holds_pos = inside[pos].any(axis=0)
+    for k in np.flatnonzero(~pos):
+        if mask[pts[k, 1], pts[k, 0]] and (cut := _smallest(inside[k] & ~holds_pos, masks.areas)) is not None:
+            mask &= ~masks.mask(cut)
+    clip = np.zeros_like(mask)
+    clip[y0:y1, x0:x1] = True
+    mask &= clip
+    refine_points, refine_open = pts[pos], pts[~pos]
     union = masks.union_box(used)
-    if morphology and refine_points is not None and _any_inside(mask, union):
+    if morphology and _any_inside(mask, union):
         mask = smooth_mask(mask, keep_points=refine_points, box=union, open_points=refine_open,
                            objects=inner_objects(masks, used, union))
     if not _any_inside(mask, union):
         return None
-    return Selection(mask, float(masks.scores[best]), tuple(used), union)
+    return Selection.of_mask(mask, float(masks.scores[best]), tuple(used), union)
 
 
 SEVERAL_PREFIXES = ("all ", "every ", "each ", "both ")
@@ -265,8 +297,8 @@ def select_by_text_prompt(masks: MaskSet, similarities: np.ndarray, candidates: 
     picked = select_by_text(similarities, candidates, several=several, margin=margin)
     if not picked:
         return None
-    return Selection(masks[picked].union(), float(np.mean(masks.scores[picked])), tuple(picked),
-                     masks.union_box(picked))
+    return Selection.of_mask(masks[picked].union(), float(np.mean(masks.scores[picked])), tuple(picked),
+                             masks.union_box(picked))
 
 
 def preannotation_order(masks: MaskSet, *, min_area: float, min_score: float, max_instances: int) -> list[int]:

@@ -14,7 +14,7 @@ from fastsam_backend.core.selection import Selection
 from fastsam_backend.errors import BadRequest
 from fastsam_backend.ls.labelconfig import LabelConfig, OutputTag
 from fastsam_backend.ls.polygons import PolygonStyle
-from fastsam_backend.ls.regions import brush_region, polygon_regions
+from fastsam_backend.ls.regions import brush_regions, crop_polygon_regions
 from fastsam_backend.settings import InteractiveOutput
 
 
@@ -44,13 +44,18 @@ def answer_tags(config: LabelConfig, mode: InteractiveOutput) -> tuple[OutputTag
 
 def answer_regions(tags: Sequence[OutputTag], selections: Sequence[Selection],
                    label_of: Callable[[OutputTag], str | None], style: PolygonStyle) -> list[dict[str, Any]]:
-    """Per selection, a region in every tag (a polygon tag: one region per connected piece)."""
-    regions: list[dict[str, Any]] = []
-    for selection in selections:
-        for tag in tags:
-            label = label_of(tag)
-            if tag.kind == "brushlabels":
-                regions.append(brush_region(tag, selection.mask, label, selection.score, selection.box))
-            else:
-                regions += polygon_regions(tag, selection.mask, label, selection.score, selection.box, style)
-    return regions
+    """Per selection, a region in every tag (a polygon tag: one region per connected piece), in
+    selection order, each selection's tags in ``tags`` order."""
+    if not selections:
+        return []
+    per_tag: list[list[list[dict[str, Any]]]] = []  # [tag][selection] -> regions
+    for tag in tags:
+        label = label_of(tag)
+        if tag.kind == "brushlabels":  # from the crops, all encoded at once (an exemplar answers 20)
+            brushes = brush_regions(tag, selections[0].image_size, [s.box for s in selections],
+                                    [s.crop for s in selections], label, [s.score for s in selections])
+            per_tag.append([[r] for r in brushes])
+        else:
+            per_tag.append([crop_polygon_regions(tag, s.image_size, s.box, s.crop, label, s.score, style)
+                            for s in selections])
+    return [r for k in range(len(selections)) for of_tag in per_tag for r in of_tag[k]]

@@ -87,8 +87,6 @@ def select_exemplars(service: FastSAMService, found: ImageMasks, prompts: Prompt
                        min_similarity=options.exemplar_min_similarity)
     answered = {s.indices[0] for s in own}
     selections = list({s.indices[0]: s for s in own}.values())
-    for i in match.indices:
-        if i not in answered:
-            x0, y0, x1, y1 = (int(v) for v in masks.boxes[i])
-            selections.append(Selection(masks.mask(i), float(match.similarity[i]), (i,), (x0, y0, x1, y1)))
+    selections += [Selection.of_instance(masks, i, float(match.similarity[i]))
+                   for i in match.indices if i not in answered]
     return selections
