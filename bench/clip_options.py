@@ -27,6 +27,18 @@ import numpy as np
 from .common import ratio
 
 
+SEED = 0  # every scorer of a run gets the same random weights: agreement compares like with like
+
+
+def load_seeded(scorer):
+    """``scorer`` loaded with the run's random weights (a pretrained tag or file loads its own)."""
+    import torch
+
+    torch.manual_seed(SEED)
+    scorer.load()
+    return scorer
+
+
 def fast_config(config, mode: str, int8: bool = True):
     """The opt-in faster CLIP measured beside the default: dense pooling from one pass of the whole
     image at twice the model's side (``CLIP_DENSE_SIZE``) + ONNX Runtime's int8 tower (CPU only)."""
@@ -45,8 +57,7 @@ def before_issue(exact, image: np.ndarray, masks) -> dict[str, Any]:
 
     from fastsam_backend.models.clip import BATCH, ClipScorer, pil_batch, whitened_square_crop
 
-    scorer = ClipScorer(replace(exact.config, runtime="torch"))
-    scorer.load()
+    scorer = load_seeded(ClipScorer(replace(exact.config, runtime="torch")))
     rows = np.flatnonzero(masks.areas > exact.config.min_mask_area)
     started = time.perf_counter()
     with torch.inference_mode():
@@ -98,8 +109,7 @@ def measure(exact, image: np.ndarray, masks, labels: tuple[str, ...], mode: str,
     options = [("torch", {"runtime": "torch"}), ("int8", {"int8": True}), (f"r{side}", {"image_size": side}),
                (f"r{side}+int8", {"image_size": side, "int8": True})]
     for name, opts in options if int8 else options[:1] + options[2:3]:
-        scorer = ClipScorer(replace(exact.config, **opts))
-        scorer.load()
+        scorer = load_seeded(ClipScorer(replace(exact.config, **opts)))
         batch = tensor_batch(crops, *scorer._input)
         with torch.inference_mode():
             t, emb = _timed(lambda scorer=scorer, batch=batch: scorer._encode_crops(batch))
@@ -115,7 +125,7 @@ def measure(exact, image: np.ndarray, masks, labels: tuple[str, ...], mode: str,
     for name, opts in ((f"d{dense}", {"dense_size": dense}), (f"d{dense}+int8", {"dense_size": dense, "int8": True})):
         if "int8" in opts and not int8:
             continue
-        scorer = ClipScorer(replace(exact.config, **opts))
+        scorer = load_seeded(ClipScorer(replace(exact.config, **opts)))
         scorer.embed_masks(image, masks[rows[:1]])  # loaded, first pass out of the figure
         t, emb = _timed(lambda scorer=scorer: scorer.embed_masks(image, masks[rows]))
         emb = _unit(emb.astype(np.float32))

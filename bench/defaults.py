@@ -129,8 +129,9 @@ def _measure(service, timers: Timers, reps: int, fn: Callable[[], Any], phrases:
 
 def _use_clip(service, timers: Timers, clip) -> None:
     """Serve ``clip`` (timed) from now on."""
-    service.clip = service.models.clip = clip
-    clip.load()
+    from .clip_options import load_seeded
+
+    service.clip = service.models.clip = load_seeded(clip)
     timers.wrap(clip, "_crops", "crops")
     timers.wrap(clip, "_encode_crops", "clip_image")
     timers.wrap(clip, "embed_texts", "clip_text")
