@@ -34,14 +34,13 @@ def test_auto_serves_the_onnx_export_with_torchs_embeddings_under_torchs_identit
     served.load()
     assert served.runtime == "onnxruntime" and reference.identity == served.identity
     exports = sorted(p.name for p in tmp_path.iterdir())
-    assert exports == [f"{served.identity}-{part}.onnx{json}" for part in ("text", "visual") for json in ("", ".json")]
+    assert exports == [f"{served.identity}-visual.onnx", f"{served.identity}-visual.onnx.json"]
     ours, theirs = _embeddings(served), _embeddings(reference)
     assert reference.runtime == "torch" and ours.any()
     assert np.abs(ours - theirs).max() <= 2e-3  # float16 storage of the same numbers
     phrases = ["red circle", "a big blue ring", "star"]
-    assert served._text is not None and reference._text is None
     assert np.abs(served.embed_texts(phrases) - reference.embed_texts(phrases)).max() <= 1e-5
-    export = tmp_path / exports[2]
+    export = tmp_path / exports[0]
     made = export.stat().st_mtime_ns
     again = _scorer(tmp_path)
     again.load()  # another worker sharing MODEL_DIR: the export and its verdict are reused
@@ -110,3 +109,21 @@ def test_dense_embeddings_have_their_own_identity_and_leave_small_masks_zero(tmp
     assert np.allclose(np.linalg.norm(emb[big], axis=1), 1, atol=1e-2) and not emb[~big].any()
     with pytest.raises(ModelUnavailable, match="CLIP_DENSE_SIZE=100 is not a multiple"):
         _scorer(tmp_path, dense_size=100).load()
+
+
+def test_text_features_without_the_padding_are_the_full_contexts():
+    """A phrase's tokens end long before CLIP's context does; with a causal mask the padding never
+    reaches the end-of-text token, so the text tower reads only the used positions."""
+    import torch
+
+    from fastsam_backend.models.clip_runtime import text_tower, trim_padding, truncates
+
+    scorer = _scorer(Path("unused"), runtime="torch")
+    scorer.load()
+    model = scorer._model
+    tokens = scorer._tokenizer(["red circle", "a photo of a big blue ring with a hole.", "x"])
+    trimmed = trim_padding(tokens)
+    assert truncates(model) and trimmed.shape[1] < tokens.shape[1] and (tokens[:, trimmed.shape[1]:] == 0).all()
+    with torch.inference_mode():
+        full, ours = model.encode_text(tokens), text_tower(model)(trimmed)
+    assert torch.allclose(full, ours, atol=1e-5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,7 +141,7 @@ class ClipScorer:
         self._device = "cpu"
         self._tower: Any = None  # the image tower: torch's module, or its ONNX Runtime export (clip_runtime)
         self._on_torch = False
-        self._text: Any = None  # the text tower's ONNX Runtime export, when served
+        self._text: Any = None  # ``clip_runtime.text_tower``: encode_text without the padding
         self._lock = threading.Lock()
         self._infer_lock = threading.Lock()
         self._error: str | None = None
@@ -267,13 +266,13 @@ class ClipScorer:
             tower = dense_tower(tower)
         if cfg.int8 and self._device != "cpu":
             raise ModelUnavailable("CLIP_INT8=true runs on a CPU only: set DEVICE=cpu or CLIP_INT8=false")
-        if self._device == "cpu":  # ONNX Runtime's exports when they match torch (clip_runtime)
-            from fastsam_backend.models.clip_runtime import CHECK_PHRASES, check_crops, serve_onnx_tower, text_tower
+        from fastsam_backend.models.clip_runtime import check_crops, serve_onnx_tower, text_tower
 
-            serve = partial(serve_onnx_tower, cfg.runtime, identity=self.identity, model_dir=Path(cfg.model_dir),
-                            threads=cfg.threads, reuse=bool(pretrained))
-            self._tower = serve(tower, batch=tensor_batch(check_crops(), *self._input), int8=cfg.int8)
-            self._text = serve(text_tower(self._model), batch=tokenizer(list(CHECK_PHRASES)), int8=False, part="text")
+        self._text = text_tower(self._model)  # torch: a phrase's few tokens, not the whole context
+        if self._device == "cpu":  # ONNX Runtime's export of the image tower when it matches torch
+            self._tower = serve_onnx_tower(cfg.runtime, tower, self.identity, Path(cfg.model_dir),
+                                           tensor_batch(check_crops(), *self._input), int8=cfg.int8,
+                                           threads=cfg.threads, reuse=bool(pretrained))
         if self._tower is None:
             self._tower = tower if not cfg.int8 else torch.ao.quantization.quantize_dynamic(
                 tower, {torch.nn.Linear}, dtype=torch.qint8)
@@ -327,8 +326,10 @@ class ClipScorer:
 
         prompts = [template.format(p) for p in phrases for template in TEMPLATES]
         with self._infer_lock, torch.inference_mode():
-            tokens = self._tokenizer(prompts).to(self._device)
-            features = (self._text or self._model.encode_text)(tokens).float()
+            from fastsam_backend.models.clip_runtime import trim_padding
+
+            tokens = trim_padding(self._tokenizer(prompts)).to(self._device)
+            features = self._text(tokens).float()
         features = features / features.norm(dim=-1, keepdim=True)
         features = features.reshape(len(phrases), len(TEMPLATES), -1).mean(dim=1)
         features = features / features.norm(dim=-1, keepdim=True)
