@@ -26,7 +26,6 @@ import numpy as np
 
 from .common import ratio
 
-
 SEED = 0  # every scorer of a run gets the same random weights: agreement compares like with like
 
 

@@ -233,6 +233,7 @@ def run(ctx: Context) -> dict[str, Any]:
         "absolute": f"{len(masks)} instances, FastSAM on {service.segmenter.runtime}; cold click "
                     f"{click_row['total_ms']:.0f} ms ({out['mobilesam_encoder_x_cold_click']}x faster than MobileSAM's "
                     f"encoder); default CLIP: pre-annotation {verdict['preannotation_x']}x, text {verdict['text_x']}x, "
-                    f"warm {verdict['warm_x']}x; CLIP time {before['x_cheaper']}x cheaper than before issue #25; opt-in {out['opt_in']['settings']}: "
+                    f"warm {verdict['warm_x']}x; CLIP time {before['x_cheaper']}x cheaper than before issue #25; "
+                    f"opt-in {out['opt_in']['settings']}: "
                     f"{out['opt_in']['preannotation_x']}x / {out['opt_in']['text_x']}x / {out['opt_in']['warm_x']}x"}
     return out

@@ -11,8 +11,8 @@ import pytest
 
 from fastsam_backend.errors import ModelUnavailable
 from fastsam_backend.models.clip import ClipConfig, ClipScorer
-from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.evaluation import TEST_SEED0
+from fastsam_backend.quality.fake import GroundTruthSegmenter
 from fastsam_backend.quality.scenes import generate_scene
 
 pytestmark = pytest.mark.model
@@ -54,7 +54,7 @@ def test_a_model_dir_that_cannot_be_written_runs_torch_under_auto_and_is_an_erro
         scorer = _scorer(blocked)
         scorer.load()
     assert scorer.runtime == "torch" and "MODEL_DIR" in caplog.text
-    with pytest.raises(ModelUnavailable, match="CLIP_RUNTIME=onnx.*MODEL_DIR"):
+    with pytest.raises(ModelUnavailable, match=r"CLIP_RUNTIME=onnx.*MODEL_DIR"):
         _scorer(blocked, runtime="onnx").load()
 
 

@@ -79,7 +79,7 @@ def letterboxed(image: np.ndarray, side: int, mean: tuple[float, ...], std: tupl
 def pool_masks(tokens: np.ndarray, masks: MaskSet, scale: float, patch: int) -> np.ndarray:
     """``(N, D)`` float32 unit embeddings: for each mask the mean of the unit ``tokens`` (``(g·g, D)``)
     weighted by the mask's pixel count in each patch."""
-    grid = int(round(np.sqrt(len(tokens))))
+    grid = round(float(np.sqrt(len(tokens))))
     units = tokens / np.maximum(np.linalg.norm(tokens, axis=1, keepdims=True), 1e-12)
     weights = np.zeros((len(masks), grid * grid), np.float32)
     for i in range(len(masks)):

@@ -178,10 +178,11 @@ def serve_onnx_tower(runtime: str, visual: Any, identity: str, model_dir: Path, 
     """The ONNX Runtime tower to run instead of ``visual`` (torch's image tower, or
     ``clip_dense.dense_tower``, on a CPU), or None for torch.
 
-    ``batch`` is the check input (``tensor_batch`` of ``check_crops`` at the served side). ``reuse`` False (random weights: no identity tells two
-    models apart) exports and checks again instead of trusting a file of the same name. Under
-    ``int8`` the export is quantised and not checked against torch (an approximation, with its own
-    identity): every failure is an error, since torch's int8 would give other embeddings.
+    ``batch`` is the check input (``tensor_batch`` of ``check_crops`` at the served side).
+    ``reuse`` False (random weights: no identity tells two models apart) exports and checks again
+    instead of trusting a file of the same name. Under ``int8`` the export is quantised and not
+    checked against torch (an approximation, with its own identity): every failure is an error,
+    since torch's int8 would give other embeddings.
     """
     if runtime == "torch":
         return None
