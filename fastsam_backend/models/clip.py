@@ -43,15 +43,14 @@ class ClipConfig:
     dense_size: int = 0  # opt-in: one pass of the whole image at this side, masks pooled (clip_dense.py)
     runtime: str = "auto"  # the image tower on a CPU: auto | torch | onnx (clip_runtime.py)
     model_dir: Path = Path("models")  # where the ONNX export of the image tower is kept
-    threads: int = 0  # ONNX Runtime threads (0: the machine's cores)
+    threads: int = 0  # ONNX Runtime threads (0: its default, the machine's physical cores)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClipConfig:
         return cls(settings.open_clip_model, settings.open_clip_pretrained, settings.device,
                    settings.clip_enabled, settings.clip_min_mask_area, settings.allow_download,
                    settings.clip_image_size, settings.clip_int8, settings.clip_dense_size, settings.clip_runtime,
-                   settings.model_dir,
-                   settings.torch_threads_per_worker())
+                   settings.model_dir, settings.torch_threads_per_worker())
 
     @property
     def recipe(self) -> str:
@@ -325,9 +324,9 @@ class ClipScorer:
         import torch
 
         prompts = [template.format(p) for p in phrases for template in TEMPLATES]
-        with self._infer_lock, torch.inference_mode():
-            from fastsam_backend.models.clip_runtime import trim_padding
+        from fastsam_backend.models.clip_runtime import trim_padding
 
+        with self._infer_lock, torch.inference_mode():
             tokens = trim_padding(self._tokenizer(prompts)).to(self._device)
             features = self._text(tokens).float()
         features = features / features.norm(dim=-1, keepdim=True)

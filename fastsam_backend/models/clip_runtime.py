@@ -154,7 +154,8 @@ class OnnxTower:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
+        if threads > 0:  # else ONNX Runtime's own choice: one thread per physical core
+            options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # idle threads sleep instead of spinning: FastSAM's pass and the other tower share the cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
