@@ -195,6 +195,8 @@ def _smooth_reference(mask, keep_points=None):
     _, labels, stats, _ = cv2.connectedComponentsWithStats(padded.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= speck
     keep[0] = False
+    if len(keep) > 1:
+        keep[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))] = True  # the largest piece is never a speck
     for x, y in keep_points if keep_points is not None else []:
         if labels[y + 1, x + 1]:
             keep[labels[y + 1, x + 1]] = True
@@ -253,3 +255,18 @@ def test_a_hole_under_a_background_click_stays_open_and_noise_holes_still_fill()
     mask[30:35, 30:35] = False  # a small hole that is no object
     assert smooth_mask(mask)[32, 32]  # filled, as before
     assert not smooth_mask(mask, open_points=np.array([[32, 32]]))[32, 32]
+
+
+def test_smoothing_never_removes_the_whole_selection():
+    """Every piece smaller than a speck (a tiny selection cut by a background click): the largest
+    stays, so a click that picked something never answers an empty region (found by hypothesis)."""
+    mask = np.zeros((40, 40), bool)
+    mask[2:5, 2:5] = True  # 9 px
+    mask[20:22, 30:32] = True  # 4 px
+    out = smooth_mask(mask)
+    assert out[2:5, 2:5].all() and not out[20:22, 30:32].any()
+    crops = (np.array([[1], [0], [0], [0], [1]], bool), np.array([[1, 1], [0, 0], [0, 0], [0, 1]], bool))
+    masks = MaskSet((5, 2), np.array([[0, 0, 1, 5], [0, 0, 2, 4]], np.int32), np.zeros(2, np.float32), crops)
+    picked = select_by_points(masks, np.array([[0, 0], [0, 4]]), np.array([True, False]), rule=PointRule.CASIA,
+                              morphology=True)
+    assert picked is not None and picked.mask.any()

@@ -55,8 +55,10 @@ def smooth_mask(mask: np.ndarray, keep_points: np.ndarray | None = None,
     cleaned = crop
     if n > 2:  # several pieces: drop the specks (one piece is the whole area, never a speck)
         labelled = _Labels(labels, n)
-        keep = labelled.areas() >= speck
+        areas = labelled.areas()
+        keep = areas >= speck
         keep[0] = False
+        keep[1 + int(np.argmax(areas[1:]))] = True  # the largest piece is the object, never a speck
         if keep_points is not None:
             for x, y in _as_points(keep_points):
                 if y0 <= y < y1 and x0 <= x < x1 and (label := labels[y - y0, x - x0]) != 0:
