@@ -24,7 +24,6 @@ keeps torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -108,17 +107,6 @@ def _versions() -> dict[str, str]:
     return {"open_clip": open_clip.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """``data`` written to ``path`` through a temporary name and a rename; an unwritable folder is
-    left alone (the next process checks again: a cost, not an error)."""
-    try:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
-    except OSError:
-        pass
-
-
 def _export(visual: Any, sample: Any, target: Path, int8: bool) -> None:
     """The image tower exported to ``target`` (``int8``: then dynamically quantised), atomically."""
     import warnings
@@ -197,19 +185,18 @@ def serve_onnx_tower(runtime: str, visual: Any, identity: str, model_dir: Path, 
 
     target = model_dir / f"{identity}-visual.onnx"
     verdict_file = target.with_suffix(".onnx.json")
+    from fastsam_backend.models.runtime import ExportUnavailable, export_once, write_json_atomic
+
     try:
-        versions = _versions()
         if not reuse:
             target.unlink(missing_ok=True)
             verdict_file.unlink(missing_ok=True)
-        if not target.is_file():
-            log.info("exporting CLIP's image tower to ONNX Runtime once (%s)", target)
-            _export(visual, batch[:2], target, int8)
-        verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else {}
-    except (OSError, ValueError) as exc:
-        return fallback(f"the ONNX export could not be written into MODEL_DIR={model_dir} ({exc})")
-    except Exception as exc:  # a missing onnx package, an exporter failure: many types
-        return fallback(f"the ONNX export failed ({type(exc).__name__}: {exc})")
+        versions, verdict = export_once(target, lambda: _export(visual, batch[:2], target, int8), _versions,
+                                        "CLIP's image tower")
+    except OSError as exc:  # the stale export could not be removed
+        return fallback(f"MODEL_DIR={model_dir}: the ONNX export could not be replaced ({exc})")
+    except ExportUnavailable as exc:
+        return fallback(f"MODEL_DIR={model_dir}: {exc}")
     try:
         tower = OnnxTower(target, threads)
     except Exception as exc:  # a truncated or foreign file

@@ -86,6 +86,39 @@ def _versions() -> dict[str, str]:
     return {"ultralytics": ultralytics.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
 
 
+class ExportUnavailable(Exception):
+    """Why an export cannot be had: a folder that cannot be written, an exporter failure."""
+
+
+def export_once(target: Path, export: Callable[[], None], versions: Callable[[], dict[str, str]],
+                what: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """``(versions(), verdict)``: ``target`` made by ``export()`` (which writes it atomically) unless
+    it exists, and the verdict kept beside it (``.onnx.json``; ``{}`` when there is none yet).
+    ``what`` names the export in the log line. Raises ``ExportUnavailable`` saying why not."""
+    verdict_file = target.with_suffix(".onnx.json")
+    try:
+        found = versions()
+        if not target.is_file():
+            log.info("exporting %s to ONNX Runtime once (%s)", what, target)
+            export()
+        return found, json.loads(verdict_file.read_text()) if verdict_file.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ExportUnavailable(f"the ONNX export could not be written into {target.parent} ({exc})") from exc
+    except Exception as exc:  # a missing onnx package, an exporter failure: many types
+        raise ExportUnavailable(f"the ONNX export failed ({type(exc).__name__}: {exc})") from exc
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """``data`` written to ``path`` through a temporary name and a rename; an unwritable folder is
+    left alone (the next process checks again: a cost, not an error)."""
+    try:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def export_path(pt: Path, model_dir: Path) -> Path:
     return model_dir / f"{pt.stem}-{file_digest(pt)}.onnx"
 
@@ -121,17 +154,10 @@ def serve_onnx(runtime: str, pt: Path, model_dir: Path, imgsz: int, torch_model:
         log.warning("FASTSAM_RUNTIME=auto: serving torch, %s", why)
 
     target = export_path(pt, model_dir)
-    verdict_file = target.with_suffix(".onnx.json")
     try:
-        versions = _versions()
-        if not target.is_file():
-            log.info("exporting %s to ONNX Runtime once (%s)", pt.name, target)
-            _export(pt, target, imgsz)
-        verdict = json.loads(verdict_file.read_text()) if verdict_file.is_file() else {}
-    except (OSError, ValueError) as exc:
-        return fallback(f"the ONNX export could not be written into MODEL_DIR={model_dir} ({exc})")
-    except Exception as exc:  # a missing onnx package, an exporter failure: many types
-        return fallback(f"the ONNX export failed ({type(exc).__name__}: {exc})")
+        versions, verdict = export_once(target, lambda: _export(pt, target, imgsz), _versions, pt.name)
+    except ExportUnavailable as exc:
+        return fallback(f"MODEL_DIR={model_dir}: {exc}")
     from ultralytics import FastSAM
 
     try:
@@ -143,12 +169,7 @@ def serve_onnx(runtime: str, pt: Path, model_dir: Path, imgsz: int, torch_model:
         overall, worst = agreement(segment(torch_model, image), segment(onnx_model, image))
         verdict = {"mask_iou": round(overall, 6), "min_mask_iou": round(worst, 6), "imgsz": imgsz,
                    "passed": overall >= CHECK_IOU and worst >= CHECK_WORST_IOU, "versions": versions}
-        try:
-            tmp = verdict_file.with_name(f".{verdict_file.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(verdict))
-            os.replace(tmp, verdict_file)
-        except OSError:
-            pass  # checked again by the next process: a cost, not an error
+        write_json_atomic(target.with_suffix(".onnx.json"), verdict)
     if not verdict.get("passed"):
         return fallback(f"the ONNX export's masks differ from torch's on the check image (mask IoU "
                         f"{verdict.get('mask_iou')}, worst instance {verdict.get('min_mask_iou')}; needs >= "
