@@ -83,3 +83,23 @@ def test_masks_that_differ_serve_torch_and_torch_never_exports(fastsam_weights, 
     plain = _seg(fastsam_weights, fresh, "torch")
     plain.load()
     assert plain.runtime == "torch" and not any(fresh.iterdir())
+
+
+@pytest.mark.parametrize("runtime_name", ["torch", "auto"])
+def test_segmenting_keeps_the_process_torch_thread_plan(fastsam_weights, tmp_path, runtime_name):
+    """ultralytics' predictor set-up resets torch's threads to min(8, cores - 1) (1 on 2 cores), which
+    halved the CLIP text tower and the mask decoding after the first image; the plan must stay."""
+    import torch
+    from ultralytics.utils import NUM_THREADS
+
+    before = torch.get_num_threads()
+    plan = 3 if NUM_THREADS != 3 else 2  # any count ultralytics would not set by itself
+    try:
+        torch.set_num_threads(plan)
+        seg = _seg(fastsam_weights, tmp_path, runtime_name)
+        seg.segment(generate_scene(5).image)
+        assert torch.get_num_threads() == plan
+        seg.segment(generate_scene(6).image)
+        assert torch.get_num_threads() == plan
+    finally:
+        torch.set_num_threads(before)

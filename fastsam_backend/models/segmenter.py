@@ -15,6 +15,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -159,8 +161,9 @@ class Segmenter:
                 raise ModelUnavailable(self._error[1])
             try:
                 model = self._load_model()
-                self._device = self._pick_device()
-                self._model, self.runtime = self._runtime_for(model)
+                with torch_threads_kept():  # the export and its check go through ultralytics' set-up
+                    self._device = self._pick_device()
+                    self._model, self.runtime = self._runtime_for(model)
                 self._error = None
             except ModelUnavailable as exc:
                 self._error = (time.monotonic(), exc.message)
@@ -232,8 +235,9 @@ class Segmenter:
         Dynamic axes: ultralytics then letterboxes as for torch (minimal padding), so the masks
         match torch's on any aspect ratio, and one file serves any IMGSZ."""
         self.load()  # same resolution/download path as serving: a clear error if the weights are missing
-        return Path(self._model.export(format="onnx", imgsz=self.config.imgsz, dynamic=True, device="cpu",
-                                       verbose=False))
+        with torch_threads_kept():
+            return Path(self._model.export(format="onnx", imgsz=self.config.imgsz, dynamic=True, device="cpu",
+                                           verbose=False))
 
     @property
     def on_gpu(self) -> bool:
@@ -310,6 +314,23 @@ def onnx_fixed_imgsz(path: Path) -> int | None:
         return None
 
 
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """torch's thread count as it was before the block.
+
+    ultralytics' ``select_device`` (predictor set-up, export) sets it to ``min(8, cores - 1)`` for
+    CPU training: 1 on 2 cores, which halved every later torch op of the process (CLIP's text
+    tower, the mask decoding, FastSAM under ``FASTSAM_RUNTIME=torch``) and overrode the workers'
+    ``TORCH_THREADS`` plan."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @cache
 def box_mask_predictor() -> type:
     """ultralytics' ``FastSAMPredictor`` with its retina-mask step replaced by ``decode_box_masks``
@@ -320,6 +341,10 @@ def box_mask_predictor() -> type:
     from ultralytics.utils import ops
 
     class BoxMaskPredictor(FastSAMPredictor):
+        def setup_model(self, model, verbose: bool = True):  # ultralytics' signature
+            with torch_threads_kept():
+                return super().setup_model(model, verbose=verbose)
+
         def construct_result(self, pred, img, orig_img, img_path, proto):  # ultralytics' signature
             pred[:, :4] = ops.scale_boxes(img.shape[2:], pred[:, :4], orig_img.shape)
             masks = decode_box_masks(proto, pred[:, 6:], pred[:, :4], pred[:, 4], orig_img.shape[:2])
