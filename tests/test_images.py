@@ -403,6 +403,11 @@ def test_data_uri_base64_and_percent_encoded():
     assert loader.load(b64).size == (40, 60)
     assert loader.load(b64).digest == hashlib.sha256(PNG).hexdigest()
     assert loader.load("data:image/png," + urllib.parse.quote_from_bytes(PNG)).size == (40, 60)
+    encoded = base64.b64encode(PNG).decode()
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME line wrapping
+    quoted = urllib.parse.quote(encoded, safe="")  # '+', '/' and '=' percent-encoded
+    for payload in (wrapped, quoted, " " + wrapped + "\r\n"):
+        assert loader.load("data:image/png;base64," + payload).digest == hashlib.sha256(PNG).hexdigest()
 
 
 def test_bad_and_oversized_data_uri():

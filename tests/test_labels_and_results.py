@@ -151,6 +151,28 @@ def test_whitened_square_crop():
     assert (crop[:4] == 255).all() and (crop[4, 0] == 255).all()  # padding and the hole are white
 
 
+def test_whitened_square_crop_is_the_boolean_copy_on_random_masks():
+    """The masked copy (OpenCV) writes exactly the pixels ``out[crop] = image[box][crop]`` writes:
+    wide and tall boxes, boxes on the image border, one-pixel masks, masks of a sliced MaskSet."""
+    from fastsam_backend.core.masks import MaskSet
+    from fastsam_backend.models.clip import whitened_square_crop
+
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        dense = rng.random((3, h, w)) < rng.random()
+        dense[:, rng.integers(h), rng.integers(w)] = True  # never empty
+        masks = MaskSet.from_dense(dense, np.ones(3))[np.array([2, 0])]
+        for i in range(len(masks)):
+            x0, y0, x1, y1 = (int(v) for v in masks.boxes[i])
+            side = max(y1 - y0, x1 - x0)
+            ref = np.full((side, side, 3), 255, np.uint8)
+            top, left = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
+            ref[top:top + y1 - y0, left:left + x1 - x0][masks.crops[i]] = image[y0:y1, x0:x1][masks.crops[i]]
+            assert np.array_equal(whitened_square_crop(image, masks, i), ref)
+
+
 def test_regions_limited_to_a_box_are_the_same_regions():
     """Selections and pre-annotation pass each mask's box so that encoding, contours and the
     tight box read only it; the regions must not change. Generated objects hit every edge."""

@@ -82,7 +82,6 @@ def decode_box_masks(proto: Any, coeffs: Any, boxes: Any, scores: Any, image_siz
     Returns:
         The non-empty masks, cropped to their tight boxes (ultralytics drops empty ones too).
     """
-    import torch
 
     h, w = image_size
     c, mh, mw = proto.shape
@@ -101,14 +100,13 @@ def decode_box_masks(proto: Any, coeffs: Any, boxes: Any, scores: Any, image_siz
             continue
         s0, s1 = int(ysup[r0:r1, 0].min()), int(ysup[r0:r1, 1].max())
         t0, t1 = int(xsup[c0:c1, 0].min()), int(xsup[c0:c1, 1].max())
-        mask = (ay[r0:r1, s0:s1] @ logits[i, s0:s1, t0:t1] @ ax[c0:c1, t0:t1].T) > 0
-        rows, cols = mask.any(dim=1), mask.any(dim=0)
-        if not bool(rows.any()):
+        mask = ((ay[r0:r1, s0:s1] @ logits[i, s0:s1, t0:t1] @ ax[c0:c1, t0:t1].T) > 0).cpu().numpy()
+        ry = np.flatnonzero(mask.any(axis=1))
+        if not len(ry):
             continue
-        ry = torch.nonzero(rows).flatten()
-        cx = torch.nonzero(cols).flatten()
+        cx = np.flatnonzero(mask.any(axis=0))
         y0, y1_, x0, x1_ = int(ry[0]), int(ry[-1]) + 1, int(cx[0]), int(cx[-1]) + 1
-        crops.append(np.ascontiguousarray(mask[y0:y1_, x0:x1_].cpu().numpy()))
+        crops.append(np.ascontiguousarray(mask[y0:y1_, x0:x1_]))
         out_boxes.append((c0 + x0, r0 + y0, c0 + x1_, r0 + y1_))
         kept.append(i)
     return MaskSet(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -71,8 +72,9 @@ def whitened_square_crop(image: np.ndarray, masks: MaskSet, i: int) -> np.ndarra
     side = max(h, w)
     out = np.full((side, side, 3), 255, dtype=np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    region = out[top : top + h, left : left + w]
-    region[masks.crops[i]] = image[y0:y1, x0:x1][masks.crops[i]]
+    # OpenCV's masked copy writes the same pixels as ``region[crop] = image[...][crop]``, 20x faster
+    # on large masks (boolean indexing gathers, then scatters): 1.5 -> 0.07 ms a crop, bench defaults
+    cv2.copyTo(image[y0:y1, x0:x1], masks.crops[i].view(np.uint8), out[top : top + h, left : left + w])
     return out
 
 
