@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-env lint docs bench quality quality-labels quality-labels-tasks quality-exemplars audit clean
+.PHONY: run test test-fast test-env lint docs bench quality quality-labels quality-labels-tasks quality-exemplars quality-clip audit clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml scripts/install.sh
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -52,6 +52,10 @@ quality-labels: $(STAMP)
 
 quality-labels-tasks: $(STAMP)
 	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality-labels --tasks $(LABELS_ARGS)
+
+# CLIP alone on ground-truth masks, the configured CLIP and each approximation (docs/weights.md)
+quality-clip: $(STAMP)
+	$(QUALITY_ENV) $(VENV)/bin/fastsam-backend quality-clip $(CLIP_ARGS)
 
 # The exemplar-prompt table of docs/exemplars.md (EXEMPLAR_ARGS=--dev: the development scenes; --no-clip)
 quality-exemplars: $(STAMP)

@@ -67,7 +67,8 @@ def encoder(ctx: Context, reps: int) -> dict[str, Any]:
     out = {"model": "MobileSAM arch (ultralytics TinyViT + segment-anything prompt encoder / mask decoder), random "
                     "weights", "params_m": params_m, "build_s": round(build_s, 2),
            "input": f"{image.shape[1]}x{image.shape[0]}, longest side resized to 1024",
-           "set_image": stats_ms(set_image), "decode_plus_set_image": stats_ms(totals), "predictor": predictor}
+           "set_image": stats_ms(set_image), "decode_plus_set_image": stats_ms(totals), "predictor": predictor,
+           "torch_threads": torch.get_num_threads()}
     ctx.shared["mobilesam_cold"] = out
     return out
 

@@ -127,3 +127,26 @@ def test_text_features_without_the_padding_are_the_full_contexts():
     with torch.inference_mode():
         full, ours = model.encode_text(tokens), text_tower(model)(trimmed)
     assert torch.allclose(full, ours, atol=1e-5)
+
+
+def test_quality_clip_scores_text_and_labels_and_compares_each_variant_with_the_reference(tmp_path):
+    """``quality-clip``: the fixture CLIP names its objects on ground-truth masks; the exact torch
+    tower agrees with the ONNX reference, a lower input side visibly does not."""
+    from fastsam_backend.cli.quality_clip import variants
+    from fastsam_backend.quality.clip_eval import evaluate_clip, markdown
+    from fastsam_backend.quality.evaluation import held_out_seeds
+
+    reference = _scorer(tmp_path)
+    reference.load()
+    configs = dict(variants(reference.config, reference._input[0], reference._patch()))
+    assert configs["as configured"] is reference.config and len(configs) == 7
+    seeds = held_out_seeds(4)
+    base = evaluate_clip(reference, seeds)
+    rows = [base.summary(base)]
+    for setting in ("CLIP_RUNTIME=torch", next(k for k in configs if k.startswith("CLIP_IMAGE_SIZE="))):
+        rows.append(evaluate_clip(ClipScorer(configs[setting]), seeds).summary(base))
+    assert rows[0]["text_top1"] >= 0.8 and rows[0]["text_n"] >= 8 and "cosine_min" not in rows[0]
+    assert rows[1]["runtime"] == "torch" and rows[1]["cosine_min"] >= 0.999 and rows[1]["label_agreement"] == 1.0
+    assert rows[1]["text_top1"] == rows[0]["text_top1"] and rows[1]["zero_shot_n"] == rows[0]["zero_shot_n"]
+    assert rows[2]["cosine_min"] < 0.99 and rows[2]["clip"] != rows[0]["clip"]
+    assert markdown(rows).count("\n") == 4

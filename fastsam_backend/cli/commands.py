@@ -17,6 +17,7 @@ from fastsam_backend.cli.exemplars import quality_exemplars
 from fastsam_backend.cli.int8 import compare_int8
 from fastsam_backend.cli.jobs import preannotate, warm, worker
 from fastsam_backend.cli.learn import quality_labels
+from fastsam_backend.cli.quality_clip import quality_clip
 from fastsam_backend.cli.train import train
 from fastsam_backend.logs import configure_logging
 from fastsam_backend.settings import load_settings
@@ -192,7 +193,7 @@ def _child_exit(server, worker) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
 
-for _command in (worker, warm, preannotate, compare_int8, quality_labels, quality_exemplars, train):
+for _command in (worker, warm, preannotate, compare_int8, quality_labels, quality_exemplars, quality_clip, train):
     main.add_command(_command)
 
 if __name__ == "__main__":
