@@ -40,11 +40,36 @@ def _run_one(ctx: Context, name: str) -> dict[str, Any]:
 
 
 def _prepare_threads() -> None:
+    """Every core for torch, and kept there: ultralytics' ``select_device`` (predictor set-up,
+    export, calibration) sets ``min(8, cores - 1)`` threads, 1 on 2 cores, which ran every torch
+    peer measured after it (SAM, MobileSAM, FastSAM on torch) on half the machine until
+    2026-12-04. The backend keeps its own plan (``segmenter.torch_threads_kept``); the bench calls
+    ultralytics directly too, so here every module's ``select_device`` keeps the count."""
+    import importlib
+
     import torch
 
+    from fastsam_backend.models.segmenter import torch_threads_kept
     from fastsam_backend.settings import available_cores
 
     torch.set_num_threads(available_cores())
+    from ultralytics.utils import torch_utils
+
+    original = getattr(torch_utils.select_device, "__wrapped__", torch_utils.select_device)
+
+    def select_device(*args: Any, **kwargs: Any) -> Any:
+        with torch_threads_kept():
+            return original(*args, **kwargs)
+
+    select_device.__wrapped__ = original  # type: ignore[attr-defined]
+    for name in ("utils.torch_utils", "engine.predictor", "engine.exporter", "engine.trainer", "engine.validator"):
+        importlib.import_module(f"ultralytics.{name}").select_device = select_device  # bound by name at import
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_bench(mode: str = "quick", out: Path | None = None, sections: tuple[str, ...] = SECTIONS,
@@ -69,6 +94,7 @@ def run_bench(mode: str = "quick", out: Path | None = None, sections: tuple[str,
                 continue
             log(f"[bench] {name} ...")
             result["sections"][name] = _run_one(ctx, name)
+            result["sections"][name]["torch_threads_at_end"] = _torch_threads()
             log(f"[bench] {name}: {result['sections'][name]['status']} "
                 f"in {result['sections'][name]['seconds']} s")
         result["model_build_s"] = round(ctx.shared.get("model_build_s", 0.0), 1)  # 0 when all were cached

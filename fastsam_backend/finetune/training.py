@@ -158,12 +158,15 @@ def train(base_checkpoint: Path | str, samples: Sequence[Sample], out_dir: Path 
     from ultralytics import YOLO
     from ultralytics.utils.torch_utils import strip_optimizer
 
+    from fastsam_backend.models.segmenter import torch_threads_kept
+
     model = YOLO(str(base_checkpoint), task="segment")
-    model.train(data=str(data), epochs=epochs, time=hours or None, imgsz=imgsz, batch=batch, nbs=batch,
-                device=device, workers=0, seed=0, deterministic=True, pretrained=True, amp=False, plots=False,
-                optimizer="AdamW", lr0=lr0,
-                warmup_epochs=0, close_mosaic=0, patience=1000, project=str(out_dir / "runs"), name="ft",
-                exist_ok=True, verbose=False, val=True)
+    with torch_threads_kept():  # training takes ultralytics' thread count; the worker's serving keeps its own
+        model.train(data=str(data), epochs=epochs, time=hours or None, imgsz=imgsz, batch=batch, nbs=batch,
+                    device=device, workers=0, seed=0, deterministic=True, pretrained=True, amp=False, plots=False,
+                    optimizer="AdamW", lr0=lr0,
+                    warmup_epochs=0, close_mosaic=0, patience=1000, project=str(out_dir / "runs"), name="ft",
+                    exist_ok=True, verbose=False, val=True)
     weights = out_dir / "runs" / "ft" / "weights"
     best = weights / "best.pt" if (weights / "best.pt").exists() else weights / "last.pt"
     tmp = out_dir / f"finetuned-{int(time.time() * 1000)}.pt"
