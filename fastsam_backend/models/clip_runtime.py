@@ -2,7 +2,7 @@
 torch's embeddings (``CLIP_RUNTIME``: ``auto`` | ``torch`` | ``onnx``).
 
 The image tower is where CLIP's time goes (88-94 % of a labelled pre-annotation, ``bench defaults``),
-and ONNX Runtime runs ViT-B-32's 2-3x faster than torch on 2-core CPUs with the same embeddings up
+and ONNX Runtime runs ViT-B-32's about 2x faster than torch on 2-core CPUs with the same embeddings up
 to float error. With ``auto`` (the default) on a CPU, the loader exports the tower once into
 ``MODEL_DIR`` as ``<CLIP identity>-visual.onnx`` (dynamic batch; written under a temporary name,
 then renamed: atomic, so workers and replicas sharing the folder reuse one file), embeds a few

@@ -1,8 +1,11 @@
 """Which runtime serves a ``.pt`` checkpoint on a CPU: its ONNX Runtime export, made once, when it
 gives torch's masks (``FASTSAM_RUNTIME``: ``auto`` | ``torch`` | ``onnx``).
 
-ONNX Runtime runs FastSAM's everything pass 1.35–1.9× faster than torch on 2-core CPUs with the
-same masks (``bench onnx``), but released weights are ``.pt``. With ``auto`` (the default) and a
+ONNX Runtime runs FastSAM's everything pass with the same masks as fast as torch or a little faster,
+and steadier, on 2-core CPUs (2-core AMD EPYC, FastSAM-s at 1024, each runtime in its own process:
+p50 370-380 ms against torch's 389-461 ms, torch spreading over 323-535 ms; the 1.35-1.9x measured
+before 2026-12-04 compared with torch on one core of two, ``segmenter.torch_threads_kept``), but
+released weights are ``.pt``. With ``auto`` (the default) and a
 ``.pt`` on a CPU, the loader exports it once into ``MODEL_DIR`` as
 ``<stem>-<digest of the .pt>.onnx`` (dynamic axes; written under a temporary name, then renamed:
 atomic, so every worker and replica sharing the folder reuses one file, and a replaced ``.pt`` gets
