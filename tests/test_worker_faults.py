@@ -100,7 +100,7 @@ def test_redis_restarted_mid_preannotate_workers_ride_through_and_the_run_comple
     redis_server.start()  # same port, empty
     out, err = proc.communicate(timeout=300)
     logs = log_tail(stack["tmp"])
-    assert proc.returncode == 0, err[-3000:] + logs
+    assert proc.returncode == 0, out[-2000:] + err[-3000:] + logs
     counts = predictions(fake, 1)
     assert sorted(set(counts.values())) == [1], counts  # every task, exactly once
     assert "jobs lost in a Redis restart were enqueued again" in out, out
@@ -131,7 +131,7 @@ def test_redis_restarted_mid_warm_wait_every_image_ends_cached(stack):
     time.sleep(3)
     redis_server.start()
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:] + log_tail(stack["tmp"])
+    assert proc.returncode == 0, out[-2000:] + err[-3000:] + log_tail(stack["tmp"])
     assert "Traceback" not in err and "redis=down" in err, err[-3000:]
     assert "12 images: 12 warm jobs enqueued" in out and "failed" not in out, out
     service = stack["service"]
