@@ -82,7 +82,6 @@ def decode_box_masks(proto: Any, coeffs: Any, boxes: Any, scores: Any, image_siz
     Returns:
         The non-empty masks, cropped to their tight boxes (ultralytics drops empty ones too).
     """
-
     h, w = image_size
     c, mh, mw = proto.shape
     if len(coeffs) == 0:
