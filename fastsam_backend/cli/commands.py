@@ -17,6 +17,7 @@ from fastsam_backend.cli.exemplars import quality_exemplars
 from fastsam_backend.cli.int8 import compare_int8
 from fastsam_backend.cli.jobs import preannotate, warm, worker
 from fastsam_backend.cli.learn import quality_labels
+from fastsam_backend.cli.output import write_json
 from fastsam_backend.cli.quality_clip import quality_clip
 from fastsam_backend.cli.train import train
 from fastsam_backend.logs import configure_logging
@@ -83,7 +84,6 @@ def serve(host: str | None, port: int | None, workers: int | None, threads: int 
 def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, json_out: str | None,
             compare: bool, hard_scenes: int | None, dev: bool) -> None:
     """Mask quality on generated held-out scenes, through the backend's own request path."""
-    import json
 
     from fastsam_backend.errors import ModelUnavailable
     from fastsam_backend.quality.evaluation import compare_point_rules, evaluate, held_out_seeds
@@ -95,9 +95,7 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
     service = build_service(settings)
     if compare:
         result = _compare(service, scenes, scenes if hard_scenes is None else hard_scenes, dev)
-        if json_out:
-            with open(json_out, "w") as f:
-                json.dump(result, f, indent=2)
+        write_json(json_out, result)
         return
     text = False
     if service.clip is not None:
@@ -127,9 +125,7 @@ def quality(scenes: int, weights: str | None, imgsz: int | None, rules: bool, js
         for rule, row in table.items():
             click.echo(f"| {rule} | {row['point_miou']:.3f} | {row['pos_neg_miou']:.3f} |")
         result["point_rules"] = table
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    write_json(json_out, result)
 
 
 def _compare(service, scenes: int, hard_scenes: int, dev: bool) -> dict:

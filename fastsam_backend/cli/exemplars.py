@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import platform
-
 import click
 
+from fastsam_backend.cli.output import machine, write_json
 from fastsam_backend.settings import load_settings
 
 
@@ -35,8 +33,6 @@ def quality_exemplars(scenes: int, dev: bool, no_clip: bool, json_out: str | Non
     seeds = dev_seeds(scenes) if dev else heldout_seeds(scenes)
     table = evaluate_exemplars(service, seeds, modes)
     click.echo(f"model {service.model_version}, {scenes} {'development' if dev else 'held-out'} scenes, "
-               f"cues: {cues}; {platform.machine()}, {platform.processor() or 'cpu'}\n")
+               f"cues: {cues}; {machine()}\n")
     click.echo(markdown(table))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(table, f, indent=2)
+    write_json(json_out, table)

@@ -3,10 +3,9 @@ or (``--tasks``) against annotated tasks (docs/learned-labels.md's tables)."""
 
 from __future__ import annotations
 
-import json
-
 import click
 
+from fastsam_backend.cli.output import write_json
 from fastsam_backend.settings import load_settings
 
 
@@ -53,6 +52,4 @@ def quality_labels(scenes: int, counts: str | None, by_tasks: bool, json_out: st
         for r in rows:
             name = "0 (zero-shot)" if r.examples_per_label == 0 else str(r.examples_per_label)
             click.echo(f"| {name} | {r.top1:.3f} | {r.instances} | {r.annotations} |")
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=2)
+    write_json(json_out, [r.__dict__ for r in rows])

@@ -3,12 +3,11 @@ masks -- for the configured CLIP and each of its approximations (docs/weights.md
 
 from __future__ import annotations
 
-import json
-import platform
 from dataclasses import replace
 
 import click
 
+from fastsam_backend.cli.output import machine, write_json
 from fastsam_backend.settings import load_settings
 
 
@@ -49,9 +48,6 @@ def quality_clip(scenes: int, json_out: str | None) -> None:
         base = base or report
         rows.append({"setting": setting, **report.summary(base)})
         click.echo(f"  {setting}: {rows[-1]}", err=True)
-    click.echo(f"{scenes} held-out scenes, ground-truth masks; {platform.machine()}, "
-               f"{platform.processor() or 'cpu'}\n")
+    click.echo(f"{scenes} held-out scenes, ground-truth masks; {machine()}\n")
     click.echo(markdown(rows))
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump(rows, f, indent=2)
+    write_json(json_out, rows)
