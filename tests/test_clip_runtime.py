@@ -137,8 +137,7 @@ def test_quality_clip_scores_text_and_labels_and_compares_each_variant_with_the_
     from fastsam_backend.quality.evaluation import held_out_seeds
 
     reference = _scorer(tmp_path)
-    reference.load()
-    configs = dict(variants(reference.config, reference._input[0], reference._patch()))
+    configs = dict(variants(reference.config, *reference.input_grid()))
     assert configs["as configured"] is reference.config and len(configs) == 7
     seeds = held_out_seeds(4)
     base = evaluate_clip(reference, seeds)

@@ -39,8 +39,7 @@ def quality_clip(scenes: int, json_out: str | None) -> None:
 
     configure_logging("WARNING")
     reference = ClipScorer(ClipConfig.from_settings(load_settings(redis_url=None)))
-    reference.load()
-    side, patch = reference._input[0], reference._patch()
+    side, patch = reference.input_grid()
     seeds = held_out_seeds(scenes)
     rows, base = [], None
     for setting, config in variants(reference.config, side, patch):

@@ -336,6 +336,11 @@ class ClipScorer:
         features = features / features.norm(dim=-1, keepdim=True)
         return features.cpu().numpy()
 
+    def input_grid(self) -> tuple[int, int]:
+        """``(side, patch)`` of the image tower as served (224 and 32 for ViT-B-32); loads it."""
+        self.load()
+        return self._input[0], self._patch()
+
     def _patch(self) -> int:
         patch = self._model.visual.patch_size
         return int(patch[0] if isinstance(patch, tuple) else patch)
